@@ -1,0 +1,3 @@
+from r1nest.cli import main
+
+main()

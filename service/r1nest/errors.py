@@ -1,0 +1,130 @@
+"""The exceptions r1nest raises, and how each becomes an HTTP answer or a CLI message.
+
+    R1nestError                      CLI: "error: <message>", exit 1
+    ├── ConfigError                  bad settings / flags (exit 2)
+    ├── PlanError                    the planner refuses: reason + alternatives (exit 3)
+    ├── StoreError                   ledger / key store failures
+    │   ├── InsufficientCredits      -> 406 insufficient_credits
+    │   ├── UnknownKey               no such key id (admin API -> 404)
+    │   └── ReservationClosed        settle/void of a reservation already closed
+    └── ApiError                     anything answered over HTTP with an OpenAI-style body
+        ├── BadRequest 400 · Unauthorized 401 · NotFound 404 · MethodNotAllowed 405
+        ├── PaymentRequired 406 · PayloadTooLarge 413 · RateLimited 429
+        └── InternalError 500 · UpstreamError 502 · Unavailable 503
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class R1nestError(Exception):
+    exit_code = 1
+
+
+class ConfigError(R1nestError):
+    exit_code = 2
+
+
+class PlanError(R1nestError):
+    exit_code = 3
+
+    def __init__(self, reason: str, alternatives: list[str] | None = None) -> None:
+        self.reason = reason
+        self.alternatives = list(alternatives or [])
+        text = reason
+        if self.alternatives:
+            text += " What fits: " + "; ".join(self.alternatives) + "."
+        super().__init__(text)
+
+
+class StoreError(R1nestError):
+    pass
+
+
+class InsufficientCredits(StoreError):
+    def __init__(self, remaining_credits: int, needed_credits: int) -> None:
+        self.remaining_credits = remaining_credits
+        self.needed_credits = needed_credits
+        super().__init__(
+            f"not enough credits: {remaining_credits} left, {needed_credits} needed"
+        )
+
+
+class UnknownKey(StoreError):
+    pass
+
+
+class ReservationClosed(StoreError):
+    pass
+
+
+class ApiError(R1nestError):
+    status_code = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class BadRequest(ApiError):
+    status_code, error_type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class Unauthorized(ApiError):
+    status_code, error_type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class NotFound(ApiError):
+    status_code, error_type, code = 404, "invalid_request_error", "not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status_code, error_type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class PaymentRequired(ApiError):
+    status_code, error_type, code = 406, "insufficient_quota", "insufficient_credits"
+
+
+class PayloadTooLarge(ApiError):
+    status_code, error_type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class RateLimited(ApiError):
+    status_code, error_type, code = 429, "rate_limit_error", "rate_limited"
+
+
+class InternalError(ApiError):
+    status_code, error_type, code = 500, "server_error", "internal_error"
+
+
+class UpstreamError(ApiError):
+    status_code, error_type, code = 502, "server_error", "engine_error"
+
+
+class Unavailable(ApiError):
+    status_code, error_type, code = 503, "server_error", "engine_unavailable"

@@ -1,0 +1,127 @@
+"""Typed, closed configuration: the only module that reads `R1NEST_*` environment variables.
+
+Precedence (highest first): command-line flags (passed as keyword arguments), `R1NEST_*`
+environment variables, the TOML file named by `R1NEST_CONFIG` (or `--config`), defaults.
+An `R1NEST_*` variable that names no setting is an error at startup, not a silent typo.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from r1nest.errors import ConfigError
+
+ENV_PREFIX = "R1NEST_"
+# Variables with the prefix that are not settings but are read by name elsewhere.
+_NON_SETTING_VARS = {"R1NEST_CONFIG"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", case_sensitive=False, validate_default=True
+    )
+
+    # where state lives
+    data_dir: Path = Field(default=Path.home() / ".r1nest", description="SQLite ledger and local state")
+    admin_key: SecretStr | None = Field(default=None, description="admin key; generated into data_dir when unset")
+
+    # listener
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=1, le=65535)
+    public_url: str | None = Field(default=None, description="public base URL shown on the overview page")
+    internal_url: str | None = Field(default=None, description="internal base URL shown on the overview page")
+
+    # upstream engine
+    upstream_url: str | None = None
+    upstream_key: SecretStr | None = None
+    served_model: str | None = None
+    model: str = "deepseek-r1-distill-qwen-1.5b"
+    engine: Literal["vllm", "sglang"] = "vllm"
+    engine_port: int = Field(default=8100, ge=1, le=65535)
+
+    # prices, in integer credits
+    price_prompt_per_mtok: int = Field(default=1_000_000, ge=0)
+    price_completion_per_mtok: int = Field(default=4_000_000, ge=0)
+    price_min_per_request: int = Field(default=0, ge=0)
+    demo_credits: int = Field(default=1_000_000, ge=0)
+
+    # DeepSeek-R1 conventions
+    deepseek_defaults: bool = True
+    fold_system_prompt: bool = True
+    default_temperature: float = 0.6
+    default_top_p: float = 0.95
+
+    # limits
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(default=512, ge=1)
+    max_tokens_cap: int = Field(default=32_768, ge=1)
+    stream_timeout_s: float = Field(default=1800.0, gt=0)
+    reservation_ttl_s: float = Field(default=3600.0, gt=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+
+    # stores
+    store: Literal["sqlite", "dynamodb"] = "sqlite"
+    dynamodb_table: str | None = None
+    aws_region: str | None = None
+    dynamodb_endpoint_url: str | None = None
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _ttl_outlives_streams(self) -> "Settings":
+        if self.reservation_ttl_s <= self.stream_timeout_s:
+            raise ValueError(
+                "reservation_ttl_s must be longer than stream_timeout_s, or a live stream's "
+                "reservation could be voided by the sweeper"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_path = os.environ.get("R1NEST_CONFIG")
+        if config_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_path))
+        return tuple(sources)
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.data_dir / "ledger.sqlite3"
+
+
+def unknown_env_vars(environ: dict[str, str] | None = None) -> list[str]:
+    environ = dict(os.environ if environ is None else environ)
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | _NON_SETTING_VARS
+    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from flags (non-None overrides), environment and config file; ConfigError if bad."""
+    unknown = unknown_env_vars()
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in the environment: {', '.join(unknown)}")
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**flags)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
