@@ -1,5 +1,41 @@
-"""Credit ledger and key store: one interface (`base.Store`), one file per backend."""
+"""Credit ledger and key store: one interface (`base.Store`), one file per backend.
 
+`open_store(settings)` picks the backend the settings name. Backends import their heavy
+dependencies (boto3) only when chosen, so the gateway starts without them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from r1nest.errors import ConfigError
 from r1nest.ledger.base import KeyRecord, Posting, Reservation, Store
 
-__all__ = ["KeyRecord", "Posting", "Reservation", "Store"]
+if TYPE_CHECKING:
+    from r1nest.settings import Settings
+
+__all__ = ["KeyRecord", "Posting", "Reservation", "Store", "open_store", "open_and_sweep"]
+
+
+def open_store(settings: Settings) -> Store:
+    """The store the settings name: SQLite in `data_dir` (default) or a DynamoDB table."""
+    if settings.store == "sqlite":
+        from r1nest.ledger.sqlite import SqliteStore
+
+        return SqliteStore(settings.ledger_path)
+    if settings.store == "dynamodb":
+        if not settings.dynamodb_table:
+            raise ConfigError("store = dynamodb needs dynamodb_table (R1NEST_DYNAMODB_TABLE)")
+        from r1nest.ledger.dynamodb import DynamoStore
+
+        return DynamoStore(
+            settings.dynamodb_table, settings.aws_region, endpoint_url=settings.dynamodb_endpoint_url
+        )
+    raise ConfigError(f"unknown store {settings.store!r}")
+
+
+async def open_and_sweep(settings: Settings, *, now: float) -> Store:
+    """Open the store and void the reservations a crashed process left behind (startup)."""
+    store = open_store(settings)
+    await store.sweep_expired(now=now)
+    return store

@@ -1,0 +1,96 @@
+"""API keys on top of a ledger store: create (plaintext shown once), authenticate, admin key.
+
+The store keeps only `sha256(key)`; `authenticate` looks the key up by its public id and compares
+digests in constant time. The admin key is not in the store: it comes from settings, or is
+generated once into `data_dir/admin_key` (mode 0600).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from r1nest.errors import ConfigError, StoreError
+from r1nest.keys import ADMIN_PREFIX, digests_equal, hash_key, new_key, parse_key_id
+from r1nest.ledger.base import KeyRecord, Store
+from r1nest.settings import Settings
+
+ADMIN_KEY_FILE = "admin_key"
+_MAX_ADMIN_KEY_FILE_BYTES = 1024
+
+
+async def create_api_key(
+    store: Store, *, name: str, credits: int, expires_at: float | None = None, now: float
+) -> tuple[KeyRecord, str]:
+    """A new key with `credits`; returns its record and the plaintext, which nothing keeps."""
+    if expires_at is not None and expires_at <= now:
+        raise StoreError("a key's expiry must be in the future")
+    key_id, plaintext = new_key()
+    record = await store.create_key(
+        key_id=key_id, key_hash=hash_key(plaintext), name=name, credits=credits,
+        expires_at=expires_at, now=now,
+    )
+    return record, plaintext
+
+
+async def authenticate(store: Store, plaintext: str, *, now: float) -> KeyRecord | None:
+    """The key's record if `plaintext` is a live key; None for malformed, unknown, wrong,
+    revoked or expired keys alike (the caller answers 401 for all of them)."""
+    key_id = parse_key_id(plaintext)
+    if key_id is None or plaintext.startswith(ADMIN_PREFIX + "-"):
+        return None
+    record = await store.get_key(key_id)
+    if record is None:
+        return None
+    if not digests_equal(record.key_hash, hash_key(plaintext)):
+        return None
+    return record if record.usable(now) else None
+
+
+def ensure_admin_key(settings: Settings) -> str:
+    """The admin key: `settings.admin_key` when set, else the one stored in the data dir,
+    generated there (0600) the first time. Safe when two processes start at once."""
+    if settings.admin_key is not None:
+        value = settings.admin_key.get_secret_value().strip()
+        if not value:
+            raise ConfigError("admin_key is set but empty")
+        return value
+    data_dir = Path(settings.data_dir)
+    path = data_dir / ADMIN_KEY_FILE
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not path.exists():
+            _write_new_admin_key(path)
+        return _read_admin_key(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read or create the admin key in {data_dir}: {exc.strerror}") from None
+
+
+def _write_new_admin_key(path: Path) -> None:
+    # Written whole into a private temporary file, then linked into place: a reader never sees
+    # a half-written key, and when two processes race, the first link wins and both read it.
+    _, plaintext = new_key(ADMIN_PREFIX)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(plaintext + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_admin_key(path: Path) -> str:
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)  # never leave the admin key readable by others
+    with open(path, encoding="ascii") as handle:
+        value = handle.read(_MAX_ADMIN_KEY_FILE_BYTES).strip()
+    if not value:
+        raise ConfigError(f"{path} is empty; delete it to generate a new admin key")
+    return value

@@ -1,0 +1,447 @@
+"""The embedded ledger: one SQLite file (WAL, synchronous=FULL) owned by one writer thread.
+
+Why a thread: sqlite3 calls block, and the gateway runs on an asyncio loop. Every operation is
+queued to a dedicated thread holding the only connection, so writes are serialized without
+locks and the loop never waits on disk.
+
+Why group commit: a durable commit costs an fsync. The thread takes every operation waiting in
+the queue (up to `max_batch`) and runs them in one transaction, each inside its own SAVEPOINT:
+an operation that fails (say, insufficient credits) rolls back only itself. Callers are answered
+after COMMIT returns, so an answered operation is on disk.
+
+Crash behaviour: a reservation, the balance change and its posting are one transaction, so a
+killed process leaves either all of them or none. A reservation left pending by a crash is
+voided by `sweep_expired` once its deadline passes (callers sweep at startup).
+
+Other processes (the `r1nest keys` command next to a running gateway) may open the same file:
+WAL lets them read, and their writes wait on SQLite's lock (busy timeout) instead of failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import sqlite3
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from r1nest.errors import InsufficientCredits, R1nestError, ReservationClosed, StoreError, UnknownKey
+from r1nest.ledger import rules
+from r1nest.ledger.base import KeyRecord, Posting, PostingKind, Reservation
+
+MAX_BATCH = 256  # operations per transaction
+BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's lock
+STARTUP_TIMEOUT_S = 30.0
+SWEEP_CHUNK = 1000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    key_id            TEXT PRIMARY KEY,
+    name              TEXT NOT NULL,
+    key_hash          TEXT NOT NULL,
+    created_at        REAL NOT NULL,
+    expires_at        REAL,
+    revoked           INTEGER NOT NULL DEFAULT 0,
+    remaining_credits INTEGER NOT NULL CHECK (remaining_credits >= 0)
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    reservation_id   TEXT PRIMARY KEY,
+    key_id           TEXT NOT NULL REFERENCES keys (key_id),
+    credits_reserved INTEGER NOT NULL CHECK (credits_reserved >= 0),
+    created_at       REAL NOT NULL,
+    expires_at       REAL NOT NULL,
+    state            TEXT NOT NULL CHECK (state IN ('pending', 'settled', 'voided')),
+    credits_charged  INTEGER CHECK (credits_charged BETWEEN 0 AND credits_reserved),
+    closed_at        REAL
+);
+CREATE INDEX IF NOT EXISTS reservations_pending_by_deadline
+    ON reservations (expires_at) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS postings (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id         TEXT NOT NULL REFERENCES keys (key_id),
+    kind           TEXT NOT NULL CHECK (kind IN ('grant', 'topup', 'reserve', 'settle', 'void')),
+    credits        INTEGER NOT NULL,
+    at             REAL NOT NULL,
+    reservation_id TEXT,
+    note           TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS postings_by_key ON postings (key_id, seq);
+CREATE TABLE IF NOT EXISTS topups (
+    key_id          TEXT NOT NULL REFERENCES keys (key_id),
+    idempotency_key TEXT NOT NULL,
+    credits         INTEGER NOT NULL,
+    at              REAL NOT NULL,
+    PRIMARY KEY (key_id, idempotency_key)
+);
+"""
+
+_KEY_COLUMNS = "key_id, name, key_hash, created_at, expires_at, revoked, remaining_credits"
+
+Operation = Callable[[sqlite3.Connection], Any]
+
+
+@dataclasses.dataclass(slots=True)
+class _Job:
+    run: Operation
+    writes: bool
+    loop: asyncio.AbstractEventLoop | None  # None: nobody waits for the answer
+    future: asyncio.Future[Any] | None
+    # Called with the result when the caller stopped waiting (cancelled) after the operation
+    # committed, so that nothing stays held for nobody (a reservation is voided).
+    on_orphan: Callable[[Any], None] | None = None
+
+
+class SqliteStore:
+    def __init__(self, path: str | Path, *, max_batch: int = MAX_BATCH) -> None:
+        self.path = Path(path)
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._closed = False
+        self._ready = threading.Event()
+        self._startup_error: str | None = None
+        self._thread = threading.Thread(target=self._writer, name="r1nest-ledger", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(STARTUP_TIMEOUT_S):
+            raise StoreError(f"the ledger at {self.path} did not open within {STARTUP_TIMEOUT_S:.0f} s")
+        if self._startup_error is not None:
+            raise StoreError(f"cannot open the ledger at {self.path}: {self._startup_error}")
+
+    # Store interface ----------------------------------------------------------------------
+
+    async def create_key(
+        self, *, key_id: str, key_hash: str, name: str, credits: int, expires_at: float | None, now: float
+    ) -> KeyRecord:
+        rules.check_credits(credits, what="initial credits")
+        rules.check_name(name)
+
+        def run(conn: sqlite3.Connection) -> KeyRecord:
+            try:
+                conn.execute(
+                    f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, 0)",
+                    (key_id, name, key_hash, now, expires_at),
+                )
+            except sqlite3.IntegrityError:
+                raise StoreError(f"key id {key_id} already exists") from None
+            _post(conn, key_id, "grant", credits, now)
+            return KeyRecord(key_id, name, key_hash, now, expires_at, False, credits)
+
+        return await self._submit(run)
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        return await self._submit(lambda conn: _get_key(conn, key_id), writes=False)
+
+    async def list_keys(self) -> list[KeyRecord]:
+        def run(conn: sqlite3.Connection) -> list[KeyRecord]:
+            rows = conn.execute(f"SELECT {_KEY_COLUMNS} FROM keys ORDER BY created_at, key_id")
+            return [_key_record(row) for row in rows]
+
+        return await self._submit(run, writes=False)
+
+    async def revoke_key(self, key_id: str) -> KeyRecord:
+        def run(conn: sqlite3.Connection) -> KeyRecord:
+            conn.execute("UPDATE keys SET revoked = 1 WHERE key_id = ?", (key_id,))
+            return _require_key(conn, key_id)
+
+        return await self._submit(run)
+
+    async def topup(self, key_id: str, credits: int, *, idempotency_key: str, now: float) -> int:
+        rules.check_credits(credits, what="top-up credits", minimum=1)
+        rules.check_idempotency_key(idempotency_key)
+
+        def run(conn: sqlite3.Connection) -> int:
+            record = _require_key(conn, key_id)
+            seen = conn.execute(
+                "SELECT 1 FROM topups WHERE key_id = ? AND idempotency_key = ?",
+                (key_id, idempotency_key),
+            ).fetchone()
+            if seen:
+                return record.remaining_credits
+            rules.check_balance_after(record.remaining_credits, credits)
+            conn.execute(
+                "INSERT INTO topups (key_id, idempotency_key, credits, at) VALUES (?, ?, ?, ?)",
+                (key_id, idempotency_key, credits, now),
+            )
+            return _post(conn, key_id, "topup", credits, now, note=f"idempotency-key {idempotency_key}")
+
+        return await self._submit(run)
+
+    async def balance(self, key_id: str) -> int:
+        return await self._submit(lambda conn: _require_key(conn, key_id).remaining_credits, writes=False)
+
+    async def reserve(self, key_id: str, credits: int, *, ttl_s: float, now: float) -> Reservation:
+        rules.check_credits(credits, what="reserved credits")
+        rules.check_ttl(ttl_s)
+        reservation_id = uuid.uuid4().hex
+        expires_at = now + ttl_s
+
+        def run(conn: sqlite3.Connection) -> Reservation:
+            record = _require_key(conn, key_id)
+            if not record.usable(now):
+                raise UnknownKey(f"key {key_id} is revoked or expired")
+            if record.remaining_credits < credits:
+                raise InsufficientCredits(record.remaining_credits, credits)
+            conn.execute(
+                "INSERT INTO reservations (reservation_id, key_id, credits_reserved, created_at,"
+                " expires_at, state) VALUES (?, ?, ?, ?, ?, 'pending')",
+                (reservation_id, key_id, credits, now, expires_at),
+            )
+            remaining = _post(conn, key_id, "reserve", -credits, now, reservation_id=reservation_id)
+            return Reservation(reservation_id, key_id, credits, expires_at, remaining)
+
+        def void_orphan(reservation: Reservation) -> None:
+            if not self._closed:  # else the sweeper voids it after its deadline
+                self._enqueue(lambda conn: _close(conn, reservation.reservation_id, None, now), None)
+
+        return await self._submit(run, on_orphan=void_orphan)
+
+    async def settle(self, reservation_id: str, credits_charged: int, *, now: float) -> int:
+        rules.check_credits(credits_charged, what="charged credits")
+        return await self._submit(lambda conn: _close(conn, reservation_id, credits_charged, now))
+
+    async def void(self, reservation_id: str, *, now: float) -> int:
+        return await self._submit(lambda conn: _close(conn, reservation_id, None, now))
+
+    async def sweep_expired(self, *, now: float) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            voided = 0
+            while True:
+                expired = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT reservation_id FROM reservations WHERE state = 'pending'"
+                        " AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+                        (now, SWEEP_CHUNK),
+                    )
+                ]
+                for reservation_id in expired:
+                    _close(conn, reservation_id, None, now)
+                voided += len(expired)
+                if len(expired) < SWEEP_CHUNK:
+                    return voided
+
+        return await self._submit(run)
+
+    async def postings(self, key_id: str) -> list[Posting]:
+        def run(conn: sqlite3.Connection) -> list[Posting]:
+            _require_key(conn, key_id)
+            rows = conn.execute(
+                "SELECT key_id, kind, credits, at, reservation_id, note FROM postings"
+                " WHERE key_id = ? ORDER BY seq",
+                (key_id,),
+            )
+            return [Posting(*row) for row in rows]
+
+        return await self._submit(run, writes=False)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join, STARTUP_TIMEOUT_S)
+
+    # the writer thread --------------------------------------------------------------------
+
+    async def _submit(
+        self, run: Operation, *, writes: bool = True, on_orphan: Callable[[Any], None] | None = None
+    ) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._enqueue(run, loop, future, writes=writes, on_orphan=on_orphan)
+        return await future
+
+    def _enqueue(
+        self,
+        run: Operation,
+        loop: asyncio.AbstractEventLoop | None,
+        future: asyncio.Future[Any] | None = None,
+        *,
+        writes: bool = True,
+        on_orphan: Callable[[Any], None] | None = None,
+    ) -> None:
+        if self._closed:
+            raise StoreError("the ledger is closed")
+        self._queue.put(_Job(run, writes, loop, future, on_orphan))
+
+    def _writer(self) -> None:
+        try:
+            conn = _connect(self.path)
+        except (sqlite3.Error, OSError) as exc:
+            self._startup_error = str(exc)
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            stopping = False
+            while not stopping:
+                job = self._queue.get()
+                if job is None:
+                    break
+                batch = [job]
+                while len(batch) < self._max_batch:
+                    try:
+                        job = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stopping = True
+                        break
+                    batch.append(job)
+                try:
+                    outcomes = _run_batch(conn, batch)
+                except Exception as exc:  # keep serving; fail only this batch
+                    error = StoreError(f"ledger error: {type(exc).__name__}: {exc}")
+                    outcomes = [(job, None, error) for job in batch]
+                self._answer(outcomes)
+        finally:
+            conn.close()
+
+    def _answer(self, outcomes: list[tuple[_Job, Any, BaseException | None]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any, BaseException | None]]] = defaultdict(list)
+        for outcome in outcomes:
+            if outcome[0].loop is not None:
+                by_loop[outcome[0].loop].append(outcome)
+        for loop, answers in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, answers)
+            except RuntimeError:  # the caller's loop is gone: nobody will read these answers
+                for job, result, error in answers:
+                    if error is None and job.on_orphan is not None:
+                        job.on_orphan(result)
+
+
+def _deliver(answers: list[tuple[_Job, Any, BaseException | None]]) -> None:
+    for job, result, error in answers:
+        future = job.future
+        assert future is not None
+        if future.done():  # cancelled while the operation ran
+            if error is None and job.on_orphan is not None:
+                job.on_orphan(result)
+        elif error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        conn.close()
+        raise sqlite3.OperationalError(f"could not switch to WAL journal mode (got {mode})")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def _run_batch(conn: sqlite3.Connection, batch: list[_Job]) -> list[tuple[_Job, Any, BaseException | None]]:
+    """Run every job of the batch; one transaction when any of them writes."""
+    outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+    if not any(job.writes for job in batch):
+        for job in batch:
+            outcomes.append(_run_one(conn, job))
+        return outcomes
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        error = StoreError(f"the ledger is unavailable: {exc}")
+        return [(job, None, error) for job in batch]
+    try:
+        for job in batch:
+            if not job.writes:
+                outcomes.append(_run_one(conn, job))
+                continue
+            conn.execute("SAVEPOINT op")
+            outcome = _run_one(conn, job)
+            if outcome[2] is not None:
+                conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            outcomes.append(outcome)
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        error = StoreError(f"the ledger could not commit: {exc}")
+        return [(job, None, error) for job in batch]
+    return outcomes
+
+
+def _run_one(conn: sqlite3.Connection, job: _Job) -> tuple[_Job, Any, BaseException | None]:
+    try:
+        return job, job.run(conn), None
+    except R1nestError as exc:
+        return job, None, exc
+    except sqlite3.Error as exc:
+        return job, None, StoreError(f"ledger error: {exc}")
+    except Exception as exc:  # a bug must fail its caller, never kill the writer thread
+        return job, None, StoreError(f"ledger error: {type(exc).__name__}: {exc}")
+
+
+# operations on the connection (run only on the writer thread) --------------------------------
+
+
+def _key_record(row: tuple[Any, ...]) -> KeyRecord:
+    key_id, name, key_hash, created_at, expires_at, revoked, remaining = row
+    return KeyRecord(key_id, name, key_hash, created_at, expires_at, bool(revoked), remaining)
+
+
+def _get_key(conn: sqlite3.Connection, key_id: str) -> KeyRecord | None:
+    row = conn.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+    return _key_record(row) if row else None
+
+
+def _require_key(conn: sqlite3.Connection, key_id: str) -> KeyRecord:
+    record = _get_key(conn, key_id)
+    if record is None:
+        raise UnknownKey(f"no key with id {key_id}")
+    return record
+
+
+def _post(
+    conn: sqlite3.Connection, key_id: str, kind: PostingKind, credits: int, now: float, *,
+    reservation_id: str | None = None, note: str = "",
+) -> int:
+    """Change a balance and record the posting; returns the new balance."""
+    row = conn.execute(
+        "UPDATE keys SET remaining_credits = remaining_credits + ? WHERE key_id = ?"
+        " RETURNING remaining_credits",
+        (credits, key_id),
+    ).fetchone()
+    assert row is not None and 0 <= row[0] <= rules.MAX_CREDITS, "a balance left its bounds"
+    conn.execute(
+        "INSERT INTO postings (key_id, kind, credits, at, reservation_id, note) VALUES (?, ?, ?, ?, ?, ?)",
+        (key_id, kind, credits, now, reservation_id, note),
+    )
+    return int(row[0])
+
+
+def _close(conn: sqlite3.Connection, reservation_id: str, credits_charged: int | None, now: float) -> int:
+    """Settle (`credits_charged` given) or void a pending reservation; returns the new balance."""
+    row = conn.execute(
+        "SELECT key_id, credits_reserved, state FROM reservations WHERE reservation_id = ?",
+        (reservation_id,),
+    ).fetchone()
+    if row is None:
+        raise StoreError(f"no reservation with id {reservation_id}")
+    key_id, credits_reserved, state = row
+    if state != "pending":
+        raise ReservationClosed(f"reservation {reservation_id} is already {state}")
+    if credits_charged is None:
+        state, refund, note = "voided", credits_reserved, ""
+    else:
+        rules.check_charge(credits_charged, credits_reserved)
+        state, refund, note = "settled", credits_reserved - credits_charged, f"charged {credits_charged}"
+    conn.execute(
+        "UPDATE reservations SET state = ?, credits_charged = ?, closed_at = ? WHERE reservation_id = ?",
+        (state, credits_charged, now, reservation_id),
+    )
+    kind: PostingKind = "void" if credits_charged is None else "settle"
+    return _post(conn, key_id, kind, refund, now, reservation_id=reservation_id, note=note)
