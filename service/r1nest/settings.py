@@ -125,3 +125,12 @@ def load_settings(**overrides: Any) -> Settings:
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from None
+
+
+def environ_with_prefixes(*prefixes: str) -> dict[str, str]:
+    """Process environment variables whose names start with one of `prefixes` (e.g. NCCL_, FI_).
+
+    For diagnostics (`r1nest doctor` reports the NCCL / libfabric tuning the engine will inherit);
+    settings themselves come from `Settings`.
+    """
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes)}
