@@ -1,0 +1,478 @@
+"""`r1nest doctor`: can this box serve the model, before 20 minutes of weight loading say it cannot.
+
+The probes in `r1nest.gpu_probe` collect facts (GPUs and a real FP8 GEMM on each, kernel imports,
+fabric, disk); `diagnose()` below turns facts into checks and a verdict without any I/O, and asks
+the planner what it would run here. Exit status: 0 when the box can serve the model, 1 when it
+cannot (the first failing check says why).
+
+JSON output (`--json`) has a fixed shape, versioned by `schema_version`; see `DoctorReport.to_json`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Literal
+
+import click
+
+from r1nest.catalog import ModelSpec, resolve_model
+from r1nest.errors import PlanError
+from r1nest.gpu_probe import BoxFacts, GpuFacts, Probes
+from r1nest.hardware import GIB, GPUS, GpuModel, HardwareClass
+
+SCHEMA_VERSION = 1
+Status = Literal["ok", "warn", "fail", "skip"]
+
+# A model whose weights fit in this much memory runs on the CPU build of vLLM (the tiny models).
+CPU_MAX_WEIGHT_BYTES = 2 * GIB
+# Part of GPU memory the weights may take: the rest is KV cache, activations, CUDA graphs.
+WEIGHTS_MAX_GPU_FRACTION = 0.90
+DISK_HEADROOM = 1.05  # 5 % over the weights for the Hub's temporary files
+FP8_MIN_CAPABILITY = (8, 9)
+
+# Modules the engine cannot serve without, per box kind; the rest are reported as warnings.
+REQUIRED_MODULES_GPU = ("engine", "custom_ops", "fused_moe")
+REQUIRED_MODULES_CPU = ("engine",)
+REQUIRED_MODULES_SGLANG_GPU = ("engine", "sgl_kernel")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    model: ModelSpec
+    engine: str
+    nodes: int
+    hardware_class: str | None
+    facts: BoxFacts
+    checks: tuple[Check, ...]
+    backends: dict[str, str]
+    plan: dict[str, Any] | None
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != "fail" for c in self.checks)
+
+    @property
+    def reason(self) -> str | None:
+        failed = [c for c in self.checks if c.status == "fail"]
+        return failed[0].detail if failed else None
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable machine-readable shape (bump SCHEMA_VERSION when a key changes)."""
+        facts = self.facts
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "ok": self.ok,
+            "exit_code": self.exit_code,
+            "reason": self.reason,
+            "model": {
+                "id": self.model.id,
+                "hf_repo": self.model.hf_repo,
+                "architecture": self.model.architecture,
+                "weight_dtype": self.model.weight_dtype,
+                "weight_bytes": self.model.weight_bytes,
+            },
+            "engine": {"name": self.engine, "version": facts.kernels.version},
+            "nodes": self.nodes,
+            "hardware": {
+                "class": self.hardware_class,
+                "gpu_count": len(facts.gpus),
+                "driver_version": facts.driver_version,
+                "torch_version": facts.torch_version,
+                "cuda_version": facts.cuda_version,
+                "gpus": [_gpu_json(g) for g in facts.gpus],
+            },
+            "kernels": {"modules": dict(facts.kernels.modules), "errors": dict(facts.kernels.errors)},
+            "backends": dict(self.backends),
+            "network": {
+                "infiniband_devices": list(facts.network.infiniband_devices),
+                "efa_devices": list(facts.network.efa_devices),
+                "fabric_providers": list(facts.network.fabric_providers),
+                "nccl_env": dict(facts.network.nccl_env),
+            },
+            "disk": {
+                "path": facts.disk.path,
+                "free_bytes": facts.disk.free_bytes,
+                "cached_bytes": facts.disk.cached_bytes,
+            },
+            "plan": self.plan,
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+
+def _gpu_json(gpu: GpuFacts) -> dict[str, Any]:
+    return {
+        "index": gpu.index,
+        "name": gpu.name,
+        "arch": gpu.arch,
+        "compute_capability": list(gpu.compute_capability) if gpu.compute_capability else None,
+        "memory_bytes": gpu.memory_bytes,
+        "fp8_supported": fp8_capable(gpu),
+        "fp8_gemm": {
+            "ran": gpu.fp8_gemm.ran,
+            "tflops": gpu.fp8_gemm.tflops,
+            "max_rel_error": gpu.fp8_gemm.max_rel_error,
+            "error": gpu.fp8_gemm.error,
+        },
+    }
+
+
+# --- pure helpers --------------------------------------------------------------------------------
+
+
+def fp8_capable(gpu: GpuFacts) -> bool:
+    if gpu.compute_capability is None:  # ROCm: MI300 (gfx942) and newer have FP8
+        return (gpu.arch or "").startswith(("gfx94", "gfx95"))
+    return gpu.compute_capability >= FP8_MIN_CAPABILITY
+
+
+def hardware_class_of(gpus: tuple[GpuFacts, ...]) -> HardwareClass | None:
+    """The planner's hardware class for these GPUs; "cpu" for none, None when unsupported/mixed."""
+    if not gpus:
+        return "cpu"
+    classes = {_class_of(g) for g in gpus}
+    return classes.pop() if len(classes) == 1 else None
+
+
+def _class_of(gpu: GpuFacts) -> HardwareClass | None:
+    if gpu.compute_capability is None:
+        return "mi300x" if (gpu.arch or "").startswith(("gfx94", "gfx95")) else None
+    major, minor = gpu.compute_capability
+    if major == 9:
+        return "hopper"
+    if major in (10, 12):
+        return "blackwell"
+    if (major, minor) == (8, 9):
+        return "ada"
+    if major == 8:
+        return "ampere"
+    return None  # Volta / Turing: no bf16 tensor cores for these engines' kernels
+
+
+def match_gpu_model(gpu: GpuFacts) -> GpuModel | None:
+    """The hardware table's GPU for a detected one: by name, then by class and nearest memory."""
+    name = gpu.name.upper().replace(" ", "")
+    for key in sorted(GPUS, key=len, reverse=True):
+        stem = key.split("-")[0].upper()
+        if stem in name:
+            same = [g for k, g in GPUS.items() if k.split("-")[0].upper() == stem]
+            return min(same, key=lambda g: abs(g.memory_bytes - gpu.memory_bytes))
+    return None
+
+
+def needs_gpu(model: ModelSpec) -> bool:
+    return not (model.is_local and model.weight_bytes <= CPU_MAX_WEIGHT_BYTES)
+
+
+def expected_backends(
+    model: ModelSpec,
+    engine: str,
+    hardware_class: str | None,
+    modules: dict[str, bool],
+    *,
+    kv_cache_dtype: str = "auto",
+    engine_env: dict[str, str] | None = None,
+    nodes: int = 1,
+) -> dict[str, str]:
+    """Which kernels the engine should pick here, from the hardware and what imports.
+
+    This is the expectation; the engine's log says what it chose (scripts/gpu-proof greps it).
+    Rules follow vLLM's selection on each architecture: MLA on Hopper uses FlashAttention-3 MLA,
+    or FlashMLA when the KV cache is FP8; FP8 block GEMMs use DeepGEMM unless VLLM_USE_DEEP_GEMM=0,
+    else CUTLASS; MoE uses DeepGEMM grouped GEMMs on Hopper/Blackwell when enabled, else Triton.
+    """
+    env = engine_env or {}
+    if hardware_class == "cpu":
+        return {"attention": "cpu (oneDNN / torch SDPA)", "linear": "cpu", "moe": "cpu" if model.is_moe else "-"}
+    if hardware_class is None:
+        return {}
+    deep_gemm = modules.get("deep_gemm", False) and env.get("VLLM_USE_DEEP_GEMM", "1") != "0"
+    hopper_plus = hardware_class in ("hopper", "blackwell")
+    backends: dict[str, str] = {}
+    if engine == "vllm":
+        forced = env.get("VLLM_ATTENTION_BACKEND")
+        if forced:
+            backends["attention"] = f"{forced} (forced by VLLM_ATTENTION_BACKEND)"
+        elif model.uses_mla:
+            backends["attention"] = {
+                "hopper": "FLASHMLA" if kv_cache_dtype.startswith("fp8") else "FLASH_ATTN_MLA",
+                "blackwell": "CUTLASS_MLA",
+                "mi300x": "ROCM_AITER_MLA",
+            }.get(hardware_class, "TRITON_MLA")
+        else:
+            backends["attention"] = "FLASH_ATTN" if hardware_class in ("hopper", "ampere") else "FLASHINFER"
+    else:
+        backends["attention"] = (
+            "flashmla" if model.uses_mla and hardware_class == "hopper" and modules.get("flashmla") else
+            "fa3" if hardware_class == "hopper" else "triton"
+        )
+    if model.weight_dtype == "fp8":
+        backends["fp8_linear"] = (
+            "DeepGEMM (block FP8)" if deep_gemm and hopper_plus else
+            "CUTLASS block FP8" if hardware_class in ("hopper", "blackwell", "ada") else
+            "none: FP8 needs compute capability >= 8.9"
+            if hardware_class == "ampere" else "Triton block FP8"
+        )
+    if model.is_moe:
+        backends["moe"] = "DeepGEMM grouped FP8" if deep_gemm and hopper_plus and model.weight_dtype == "fp8" else "Triton fused MoE"
+        if nodes > 1:
+            backends["all2all"] = "DeepEP" if modules.get("deep_ep") else "allgather/reduce-scatter (DeepEP missing)"
+    return backends
+
+
+def _kv_cache_dtype(args: tuple[str, ...] | list[str]) -> str:
+    args = list(args)
+    for i, arg in enumerate(args):
+        if arg.startswith("--kv-cache-dtype="):
+            return arg.split("=", 1)[1]
+        if arg == "--kv-cache-dtype" and i + 1 < len(args):
+            return args[i + 1]
+    return "auto"
+
+
+# --- the verdict ---------------------------------------------------------------------------------
+
+Planner = Callable[..., Any]
+
+
+def diagnose(
+    facts: BoxFacts,
+    model: ModelSpec,
+    *,
+    engine: str = "vllm",
+    nodes: int = 1,
+    planner: Planner | None = None,
+) -> DoctorReport:
+    """Facts -> checks, expected backends and the planner's verdict. No I/O."""
+    gpus = facts.gpus
+    hw_class = hardware_class_of(gpus)
+    checks: list[Check] = []
+
+    # GPUs
+    if not gpus:
+        if needs_gpu(model):
+            checks.append(Check("gpus", "fail", f"no GPU found (torch sees no CUDA device and nvidia-smi "
+                                f"lists none): {model.id} needs GPUs"))
+        else:
+            checks.append(Check("gpus", "ok", f"no GPU; {model.id} is small enough for the CPU build"))
+    else:
+        names = sorted({g.name for g in gpus})
+        each = ", ".join(f"{g.arch or '?'} {g.memory_bytes / GIB:.0f} GiB" for g in gpus[:1])
+        checks.append(Check("gpus", "ok" if len(names) == 1 else "warn",
+                            f"{len(gpus)} x {' / '.join(names)} ({each} each)"))
+        if hw_class is None:
+            archs = sorted({g.arch or "?" for g in gpus})
+            checks.append(Check("architecture", "fail",
+                                f"unsupported or mixed GPU architecture ({', '.join(archs)}): the "
+                                "engines' DeepSeek kernels need Ampere (sm80) or newer, all GPUs alike"))
+        else:
+            checks.append(Check("architecture", "ok", f"hardware class {hw_class}"))
+
+    # FP8: the capability, then the real GEMM on each GPU
+    if gpus:
+        incapable = [g for g in gpus if not fp8_capable(g)]
+        if model.needs_fp8_hardware and incapable:
+            arch = incapable[0].arch or "?"
+            checks.append(Check("fp8", "fail",
+                                f"{model.id} ships FP8 block-quantized weights; FP8 tensor cores need compute "
+                                f"capability >= 8.9 (Ada, Hopper, Blackwell) and these GPUs are {arch} "
+                                f"({incapable[0].name}). Use H100/H200/B200, or serve a BF16 distill here."))
+        elif incapable:
+            checks.append(Check("fp8", "skip", f"no FP8 tensor cores ({incapable[0].arch}); {model.id} "
+                                "does not need them"))
+        for gpu in gpus:
+            gemm = gpu.fp8_gemm
+            if not fp8_capable(gpu):
+                continue
+            if gemm.ran and gemm.max_rel_error is not None and gemm.max_rel_error > 0.05:
+                checks.append(Check(f"fp8_gemm[{gpu.index}]", "fail",
+                                    f"FP8 GEMM gave wrong results (max relative error {gemm.max_rel_error})"))
+            elif gemm.ran:
+                checks.append(Check(f"fp8_gemm[{gpu.index}]", "ok",
+                                    f"torch._scaled_mm float8_e4m3fn: {gemm.tflops} TFLOP/s"))
+            else:
+                status: Status = "fail" if model.needs_fp8_hardware and gemm.error else "warn"
+                checks.append(Check(f"fp8_gemm[{gpu.index}]", status,
+                                    f"FP8 GEMM not run: {gemm.error or 'skipped (--no-gemm)'}"))
+
+    # memory: do the weights fit with room for the KV cache?
+    if gpus and needs_gpu(model):
+        total = sum(g.memory_bytes for g in gpus) * nodes
+        limit = int(total * WEIGHTS_MAX_GPU_FRACTION)
+        where = f"{nodes} node(s) x {len(gpus)} GPU(s) = {total / 1e9:,.0f} GB"
+        if model.weight_bytes > limit:
+            checks.append(Check("gpu_memory", "fail",
+                                f"{model.id} weights are {model.weight_bytes / 1e9:,.0f} GB; {where} of GPU memory "
+                                f"leaves no room for the KV cache (weights may take at most "
+                                f"{WEIGHTS_MAX_GPU_FRACTION:.0%}). More GPUs or nodes are needed."))
+        else:
+            checks.append(Check("gpu_memory", "ok",
+                                f"weights {model.weight_bytes / 1e9:,.1f} GB of {where}"))
+
+    # engine and kernels
+    modules = facts.kernels.modules
+    if not modules.get("engine"):
+        error = facts.kernels.errors.get("engine", "not installed")
+        checks.append(Check("engine", "fail", f"{engine} does not import: {error}"))
+    else:
+        checks.append(Check("engine", "ok", f"{engine} {facts.kernels.version or ''}".strip()))
+        required = (
+            REQUIRED_MODULES_CPU if not gpus else
+            REQUIRED_MODULES_GPU if engine == "vllm" else REQUIRED_MODULES_SGLANG_GPU
+        )
+        for role, present in sorted(modules.items()):
+            if role == "engine":
+                continue
+            if present:
+                checks.append(Check(f"kernel:{role}", "ok", "imports"))
+                continue
+            error = facts.kernels.errors.get(role, "missing")
+            if role in required:
+                checks.append(Check(f"kernel:{role}", "fail", f"does not import: {error}"))
+            elif gpus and role in ("flashmla", "deep_gemm") and model.uses_mla:
+                checks.append(Check(f"kernel:{role}", "warn", f"missing, slower fallback kernels: {error}"))
+            elif gpus and role == "deep_ep" and nodes > 1:
+                checks.append(Check(f"kernel:{role}", "warn", f"missing, expert all-to-all without DeepEP: {error}"))
+            else:
+                checks.append(Check(f"kernel:{role}", "skip", f"not needed here ({error})"))
+
+    # multi-node fabric
+    net = facts.network
+    if nodes > 1:
+        if net.efa_devices or net.infiniband_devices:
+            devices = ", ".join(net.efa_devices or net.infiniband_devices)
+            providers = ", ".join(net.fabric_providers) or "fi_info not found"
+            checks.append(Check("fabric", "ok", f"RDMA devices {devices}; libfabric providers: {providers}"))
+        else:
+            checks.append(Check("fabric", "warn", f"{nodes} nodes but no InfiniBand/EFA device in "
+                                "/sys/class/infiniband: NCCL falls back to TCP sockets (slow)"))
+    if net.nccl_env:
+        checks.append(Check("nccl_env", "ok", " ".join(f"{k}={v}" for k, v in net.nccl_env.items())))
+
+    # disk
+    if model.is_local:
+        checks.append(Check("disk", "skip", f"weights already on disk at {model.hf_repo}"))
+    else:
+        missing = max(0, model.weight_bytes - facts.disk.cached_bytes)
+        needed = int(missing * DISK_HEADROOM)
+        if facts.disk.free_bytes < needed:
+            checks.append(Check("disk", "fail",
+                                f"{facts.disk.path} has {facts.disk.free_bytes / 1e9:,.0f} GB free; the weights "
+                                f"still to download need {needed / 1e9:,.0f} GB"))
+        else:
+            checks.append(Check("disk", "ok", f"{facts.disk.free_bytes / 1e9:,.0f} GB free in {facts.disk.path}, "
+                                f"{missing / 1e9:,.1f} GB to download"))
+
+    # the planner's verdict for this box
+    plan_json: dict[str, Any] | None = None
+    profile_env: dict[str, str] = {}
+    kv_dtype = "auto"
+    if planner is not None and hw_class is not None:
+        try:
+            result = planner(model, engine=engine, nodes=nodes, hardware_class=hw_class, gpus=gpus)
+        except PlanError as exc:
+            checks.append(Check("plan", "fail", f"the planner refuses: {exc}"))
+        else:
+            plan_json = result.to_json() if hasattr(result, "to_json") else dict(result)
+            profile = getattr(result, "profile", None)
+            profile_env = dict(getattr(profile, "env", {}) or {})
+            kv_dtype = _kv_cache_dtype(tuple(getattr(profile, "args", ()) or ()))
+            checks.append(Check("plan", "ok", _plan_summary(plan_json)))
+
+    backends = expected_backends(model, engine, hw_class, modules, kv_cache_dtype=kv_dtype,
+                                 engine_env=profile_env, nodes=nodes)
+    return DoctorReport(model, engine, nodes, hw_class, facts, tuple(checks), backends, plan_json)
+
+
+def _plan_summary(plan: dict[str, Any]) -> str:
+    keys = ("instance_type", "modal_gpu", "nodes", "tp", "pp", "dp", "ep", "context", "max_concurrency")
+    return ", ".join(f"{k}={plan[k]}" for k in keys if plan.get(k) not in (None, "", 0))
+
+
+# --- the planner adapter -------------------------------------------------------------------------
+
+
+def plan_for_box(model: ModelSpec, *, engine: str, nodes: int, hardware_class: str,
+                 gpus: tuple[GpuFacts, ...]) -> Any:
+    """Ask the planner what it would run on the detected box (cloud "local")."""
+    from r1nest import planner
+
+    gpu_model = match_gpu_model(gpus[0]) if gpus else None
+    return planner.plan(
+        model,
+        "local",
+        engine=engine,
+        nodes=nodes,
+        hardware_class=hardware_class,
+        gpu=gpu_model.name if gpu_model else None,
+        gpu_count=len(gpus),
+    )
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+
+
+def render(report: DoctorReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"r1nest doctor: {report.model.id} with {report.engine} on {report.nodes} node(s)")
+    table.add_column("check")
+    table.add_column("status")
+    table.add_column("detail", overflow="fold")
+    for check in report.checks:
+        table.add_row(check.name, f"[{_STYLE[check.status]}]{check.status}[/]", check.detail)
+    for role, backend in report.backends.items():
+        table.add_row(f"backend:{role}", "[dim]expected[/]", backend)
+    console.print(table)
+    if report.ok:
+        console.print(f"[green]This box can serve {report.model.id}.[/]")
+    else:
+        console.print(f"[bold red]This box cannot serve {report.model.id}:[/] {report.reason}")
+
+
+@click.command(help="Preflight this box: GPUs, FP8, kernels, fabric, disk, and the planner's verdict.")
+@click.option("--model", "model_name", default=None, help="catalog id or checkpoint directory")
+@click.option("--engine", type=click.Choice(["vllm", "sglang"]), default=None)
+@click.option("--nodes", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (stable schema)")
+@click.option("--no-gemm", is_flag=True, help="skip the FP8 GEMM benchmark (facts only)")
+def doctor(model_name: str | None, engine: str | None, nodes: int, as_json: bool, no_gemm: bool) -> None:
+    from r1nest.gpu_probe import host_probes
+    from r1nest.settings import load_settings
+
+    settings = load_settings(model=model_name, engine=engine)
+    report = run_doctor(settings.model, settings.engine, nodes, host_probes(), run_fp8_gemm=not no_gemm)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        render(report)
+    sys.exit(report.exit_code)
+
+
+def run_doctor(model_name: str, engine: str, nodes: int, probes: Probes, *, run_fp8_gemm: bool = True,
+               planner: Planner | None = plan_for_box) -> DoctorReport:
+    from r1nest.gpu_probe import collect
+
+    model = resolve_model(model_name)
+    facts = collect(probes, engine=engine, hf_repo=None if model.is_local else model.hf_repo,
+                    run_fp8_gemm=run_fp8_gemm)
+    return diagnose(facts, model, engine=engine, nodes=nodes, planner=planner)
+
+
+__all__ = ["Check", "DoctorReport", "diagnose", "doctor", "run_doctor"]
