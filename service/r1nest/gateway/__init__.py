@@ -1,0 +1,1 @@
+"""The gateway: the one process users talk to (auth, credits, OpenAI-compatible proxy)."""

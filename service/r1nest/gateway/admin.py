@@ -1,0 +1,107 @@
+"""The admin API (admin key): create, list, revoke and top up keys, and read a key's postings.
+
+    POST /admin/keys {"name","credits","expires_at"?} -> 201 {"id","key","name","remaining_credits"}
+    GET  /admin/keys -> {"data":[{"id","name","created_at","expires_at","revoked","remaining_credits"}]}
+    POST /admin/keys/{id}/revoke -> {"id","revoked":true}
+    POST /admin/keys/{id}/topup {"credits":N} + Idempotency-Key -> {"id","remaining_credits"}
+    GET  /admin/keys/{id}/usage -> {"id","remaining_credits","postings":[...]}
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from r1nest import accounts
+from r1nest.errors import BadRequest, NotFound, StoreError, UnknownKey
+from r1nest.gateway.exchange import Exchange
+from r1nest.gateway.routing import Kind, Match
+from r1nest.ledger.base import KeyRecord, Store
+
+MAX_ADMIN_BODY_BYTES = 16 * 1024
+MAX_POSTINGS = 1000
+
+
+def key_json(record: KeyRecord) -> dict[str, Any]:
+    return {
+        "id": record.key_id,
+        "name": record.name,
+        "created_at": record.created_at,
+        "expires_at": record.expires_at,
+        "revoked": record.revoked,
+        "remaining_credits": record.remaining_credits,
+    }
+
+
+async def _json_body(exchange: Exchange) -> dict[str, Any]:
+    raw = await exchange.read_body(MAX_ADMIN_BODY_BYTES)
+    try:
+        body = json.loads(raw) if raw else {}
+    except ValueError:
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def _credits(value: Any, *, name: str = "credits", minimum: int = 0) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise BadRequest(f"`{name}` must be an integer >= {minimum}", param=name)
+    return value
+
+
+async def handle(exchange: Exchange, match: Match, store: Store, clock: Callable[[], float]) -> None:
+    method = exchange.scope["method"]
+    try:
+        if match.kind is Kind.ADMIN_KEYS and method == "GET":
+            keys = await store.list_keys()
+            await exchange.json(200, {"object": "list", "data": [key_json(k) for k in keys]})
+        elif match.kind is Kind.ADMIN_KEYS:
+            body = await _json_body(exchange)
+            name = body.get("name", "")
+            if not isinstance(name, str):
+                raise BadRequest("`name` must be a string", param="name")
+            expires_at = body.get("expires_at")
+            if expires_at is not None and (not isinstance(expires_at, (int, float)) or isinstance(expires_at, bool)):
+                raise BadRequest("`expires_at` must be unix seconds", param="expires_at")
+            record, plaintext = await accounts.create_api_key(
+                store, name=name, credits=_credits(body.get("credits")), expires_at=expires_at, now=clock()
+            )
+            await exchange.json(
+                201, {"id": record.key_id, "key": plaintext, "name": record.name, "remaining_credits": record.remaining_credits}
+            )
+        elif match.action == "revoke":
+            record = await store.revoke_key(match.key_id)  # type: ignore[arg-type]
+            await exchange.json(200, {"id": record.key_id, "revoked": True})
+        elif match.action == "topup":
+            idempotency_key = exchange.header(b"idempotency-key")
+            if not idempotency_key:
+                raise BadRequest("a top-up needs an Idempotency-Key header", param="Idempotency-Key")
+            body = await _json_body(exchange)
+            balance = await store.topup(
+                match.key_id,  # type: ignore[arg-type]
+                _credits(body.get("credits"), minimum=1),
+                idempotency_key=idempotency_key.decode("latin-1"),
+                now=clock(),
+            )
+            await exchange.json(200, {"id": match.key_id, "remaining_credits": balance})
+        elif match.action == "usage":
+            postings = await store.postings(match.key_id)  # type: ignore[arg-type]
+            balance = await store.balance(match.key_id)  # type: ignore[arg-type]
+            await exchange.json(
+                200,
+                {
+                    "id": match.key_id,
+                    "remaining_credits": balance,
+                    "postings": [
+                        {"kind": p.kind, "credits": p.credits, "at": p.at, "reservation_id": p.reservation_id, "note": p.note}
+                        for p in postings[-MAX_POSTINGS:]
+                    ],
+                },
+            )
+        else:  # pragma: no cover - routing only yields the cases above
+            raise NotFound("no such admin route")
+    except UnknownKey:
+        raise NotFound(f"no key with id {match.key_id}", code="key_not_found") from None
+    except StoreError as exc:
+        raise BadRequest(str(exc)) from None

@@ -1,0 +1,361 @@
+"""The gateway as an ASGI application: routing, auth, credits and the proxy wired together.
+
+    create_app(settings=..., store=..., upstream=UpstreamConfig(...)) -> ASGI app
+
+A lean ASGI app rather than a framework router: the hot path (route, authenticate, reserve,
+forward, settle) stays a few function calls deep. Handlers are thin; the rules live in
+routing.py, auth.py, shaping.py, pricing.py, metering.py and proxy.py.
+`app.state.gateway` is the `Gateway`, whose `drain(timeout_s)` stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from r1nest.errors import (
+    ApiError,
+    BadRequest,
+    InsufficientCredits,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    StoreError,
+    Unavailable,
+)
+from r1nest.gateway import metering, proxy, routing
+from r1nest.gateway.auth import AdminKey, authenticate
+from r1nest.gateway.exchange import ClientGone, Exchange, Receive, Scope, Send
+from r1nest.gateway.interrupts import Interruptible
+from r1nest.gateway.metrics import Metrics
+from r1nest.gateway.pricing import Price
+from r1nest.gateway.routing import Kind, Match, NoMatch
+from r1nest.gateway.shaping import Policy, shape
+from r1nest.gateway.state import EngineState
+from r1nest.gateway.upstream import Upstream, UpstreamConfig, watch_health
+from r1nest.ledger.base import Store
+from r1nest.settings import Settings
+
+log = logging.getLogger("r1nest.gateway")
+access_log = logging.getLogger("r1nest.gateway.access")
+
+ENGINE_PATHS = {Kind.CHAT: "/v1/chat/completions", Kind.COMPLETIONS: "/v1/completions"}
+SWEEP_INTERVAL_S = 300.0
+DRAIN_SETTLE_GRACE_S = 10.0
+
+
+class Gateway:
+    """The gateway's run-time state: one per app (no module globals)."""
+
+    def __init__(
+        self, *, settings: Settings, store: Store, upstream: UpstreamConfig, state: EngineState,
+        clock: Callable[[], float], admin_key: str, probe_upstream: bool,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.upstream_config = upstream
+        self.upstream = Upstream(upstream, read_timeout_s=settings.stream_timeout_s)
+        self.state = state
+        self.clock = clock
+        self.admin = AdminKey(admin_key)
+        self.price = Price.from_settings(settings)
+        self.policy = Policy(
+            served_model=upstream.served_model,
+            max_messages=settings.max_messages,
+            max_tokens_cap=settings.max_tokens_cap,
+            deepseek_defaults=settings.deepseek_defaults,
+            fold_system_prompt=settings.fold_system_prompt,
+            default_temperature=settings.default_temperature,
+            default_top_p=settings.default_top_p,
+        )
+        self.metrics = Metrics()
+        self.interruptibles: set[Interruptible] = set()
+        self.open_requests = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._probe_upstream = probe_upstream
+        self._background: list[asyncio.Task] = []
+        self.overview: Any = None  # an ASGI app for /overview, when the overview module exists
+        self.swept_at_startup: int | None = None
+
+    # lifecycle ------------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        await self.upstream.start()
+        self.swept_at_startup = await self.store.sweep_expired(now=self.clock())
+        if self.swept_at_startup:
+            log.warning("voided %d expired reservation(s) left by an earlier run", self.swept_at_startup)
+        loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self._sweep_forever()))
+        if self._probe_upstream:
+            self._background.append(loop.create_task(watch_health(self.upstream, self.state)))
+
+    async def shutdown(self) -> None:
+        if self.open_requests:
+            await self.drain(self.settings.drain_timeout_s)
+        for task in self._background:
+            task.cancel()
+        await self.upstream.close()
+
+    async def _sweep_forever(self) -> None:
+        interval_s = min(SWEEP_INTERVAL_S, self.settings.reservation_ttl_s / 4)
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                swept = await self.store.sweep_expired(now=self.clock())
+            except StoreError as exc:
+                log.error("sweep of expired reservations failed: %s", exc)
+                continue
+            if swept:
+                log.warning("voided %d expired reservation(s)", swept)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests (503), wait up to `timeout_s` for open ones, then abort the rest
+        (they settle what was produced) and wait for their settlement."""
+        self.state.set_draining()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        if self.open_requests:
+            log.warning("drain deadline: aborting %d open request(s)", self.open_requests)
+            for interruptible in list(self.interruptibles):
+                interruptible.interrupt("drain")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_SETTLE_GRACE_S):
+                    await self._idle.wait()
+
+    # requests -------------------------------------------------------------------------------
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started_s = time.perf_counter()
+        raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
+        raw_path = raw_path.split(b"?", 1)[0]
+        route = routing.match(scope["method"], raw_path)
+        route_name = route.kind.value if isinstance(route, Match) else "unmatched"
+        exchange = Exchange(scope, receive, send, route_name)
+        self.open_requests += 1
+        self.metrics.open_requests = self.open_requests
+        self._idle.clear()
+        try:
+            await self._dispatch(exchange, route)
+        except ApiError as exc:
+            await self._answer_error(exchange, exc)
+        except ClientGone:
+            exchange.status = 499
+        except Exception:  # noqa: BLE001 - the one place that turns a bug into a generic 500
+            log.exception("internal error route=%s key_id=%s", route_name, exchange.key_id or "-")
+            await self._answer_error(exchange, InternalError("Internal error."))
+        finally:
+            self.open_requests -= 1
+            self.metrics.open_requests = self.open_requests
+            if not self.open_requests:
+                self._idle.set()
+            duration_s = time.perf_counter() - started_s
+            self.metrics.observe_request(route_name, exchange.status, duration_s)
+            access_log.info(
+                "%s %s %d %.1fms key_id=%s %s", scope["method"], route_name, exchange.status,
+                duration_s * 1000, exchange.key_id or "-", exchange.note,
+            )
+
+    async def _answer_error(self, exchange: Exchange, exc: ApiError) -> None:
+        if exchange.started:
+            return  # a stream's failures are told in the stream
+        await exchange.error(exc)
+
+    async def _dispatch(self, exchange: Exchange, route: Match | NoMatch) -> None:
+        if isinstance(route, NoMatch):
+            if route.status == 405:
+                raise MethodNotAllowed(
+                    f"Method {exchange.scope['method']} is not allowed here.",
+                    headers={"Allow": ", ".join(sorted(route.allow))},
+                )
+            raise NotFound("Unknown URL. See /v1/models, /v1/chat/completions, /v1/completions, /v1/credits.")
+        kind = route.kind
+        if kind is Kind.CHAT or kind is Kind.COMPLETIONS:
+            await self._completion(exchange, kind)
+        elif kind is Kind.HEALTH:
+            await self._health(exchange)
+        elif kind is Kind.MODELS:
+            await self._authenticated(exchange)
+            await exchange.json(200, self._models())
+        elif kind is Kind.CREDITS:
+            record = await self._authenticated(exchange)
+            await exchange.json(200, {"object": "credits", "id": record.key_id, "remaining_credits": record.remaining_credits})
+        elif kind is Kind.METRICS:
+            self.admin.require(exchange.headers)
+            await exchange.respond(
+                200, self.metrics.render(self.state).encode(), content_type=b"text/plain; version=0.0.4; charset=utf-8"
+            )
+        elif kind is Kind.OVERVIEW:
+            if self.overview is None:
+                raise NotFound("The overview page is not available on this deployment.")
+            await self._overview(exchange)
+        else:
+            from r1nest.gateway import admin
+
+            self.admin.require(exchange.headers)
+            await admin.handle(exchange, route, self.store, self.clock)
+
+    async def _authenticated(self, exchange: Exchange):  # -> KeyRecord
+        record = await authenticate(self.store, exchange.headers, now=self.clock())
+        exchange.key_id = record.key_id
+        exchange.remaining_credits = record.remaining_credits
+        return record
+
+    def _models(self) -> dict[str, Any]:
+        model = self.upstream_config.served_model
+        return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "r1nest"}]}
+
+    def _unavailable(self) -> Unavailable:
+        phase = self.state.phase
+        retry = str(self.state.retry_after_s())
+        messages = {
+            "warming": "The engine is warming up; retry shortly.",
+            "down": "The engine is down; retry later.",
+            "draining": "The server is shutting down; retry on another replica or shortly.",
+        }
+        return Unavailable(messages.get(phase, "The engine is not ready."), headers={"Retry-After": retry})
+
+    async def _health(self, exchange: Exchange) -> None:
+        state = self.state
+        body: dict[str, Any] = {"status": state.phase}
+        eta = state.eta_remaining_s()
+        if eta is not None:
+            body["eta_s"] = round(eta, 1)
+        if state.ready:
+            await exchange.json(200, body)
+        else:
+            await exchange.json(503, body, extra={"Retry-After": str(state.retry_after_s())})
+
+    async def _completion(self, exchange: Exchange, kind: Kind) -> None:
+        record = await self._authenticated(exchange)
+        if not self.state.ready:
+            raise self._unavailable()
+        raw = await exchange.read_body(self.settings.max_body_bytes)
+        try:
+            body = json.loads(raw)
+        except ValueError:  # includes invalid UTF-8
+            raise BadRequest("The request body is not valid JSON.") from None
+        shaped = shape(body, chat=kind is Kind.CHAT, policy=self.policy)
+        try:
+            ticket = await metering.reserve(
+                self.store, record.key_id, record.remaining_credits, shaped, price=self.price,
+                cap=self.policy.max_tokens_cap, ttl_s=self.settings.reservation_ttl_s,
+                clock=self.clock, metrics=self.metrics,
+            )
+        except InsufficientCredits as exc:
+            exchange.remaining_credits = exc.remaining_credits
+            raise metering.payment_required(exc) from None
+        exchange.remaining_credits = ticket.reservation.remaining_credits
+        path = ENGINE_PATHS[kind]
+        timeout_s = self.settings.stream_timeout_s
+        try:
+            if shaped.stream:
+                interruptible = Interruptible(exchange.receive, self.interruptibles)
+                await proxy.forward_stream(
+                    exchange, self.upstream, path, shaped, ticket, interruptible=interruptible, timeout_s=timeout_s
+                )
+            else:
+                interruptible = Interruptible(None, self.interruptibles)
+                async with interruptible:
+                    await proxy.forward_whole(exchange, self.upstream, path, shaped, ticket, timeout_s=timeout_s)
+                if interruptible.reason == "drain":
+                    raise Unavailable("The server is shutting down.", headers={"Retry-After": "5"})
+        finally:
+            if not ticket.closed:  # any path that forgot: never leave a reservation open
+                exchange.remaining_credits = await ticket.void()
+
+    async def _overview(self, exchange: Exchange) -> None:
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                exchange.status, exchange.started = message["status"], True
+            await exchange.send(message)
+
+        await self.overview(exchange.scope, exchange.receive, send)
+
+    async def page_context(self):  # -> OverviewContext
+        from r1nest.overview.context import OverviewContext, Readiness
+
+        settings = self.settings
+        public = settings.public_url or f"http://localhost:{settings.port}"
+        eta = self.state.eta_remaining_s()
+        return OverviewContext(
+            model=self.upstream_config.served_model,
+            engine=settings.engine,
+            public_endpoint=public,
+            internal_endpoint=settings.internal_url,
+            internal_endpoint_note="" if settings.internal_url else "This deployment has no separate internal address.",
+            api_key=None,
+            remaining_credits=None,
+            readiness=Readiness(phase=self.state.phase, eta_s=eta),
+            deployment="gateway",
+            source="the running gateway",
+        )
+
+
+class GatewayApp:
+    """The ASGI callable. `app.state.gateway` is the Gateway."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.state = SimpleNamespace(gateway=gateway)
+        self._gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._gateway.handle(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self._gateway.startup()
+                except Exception as exc:  # noqa: BLE001 - reported to the server, which stops
+                    log.error("gateway startup failed: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self._gateway.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def _overview_app(gateway: Gateway) -> Any:
+    """The overview routes as an ASGI app, or None when the overview module is absent."""
+    try:
+        from r1nest.overview.web import overview_routes
+    except ImportError:
+        return None
+    from starlette.routing import Router
+
+    return Router(
+        routes=overview_routes(verify_admin_key=gateway.admin.verify, page_context=gateway.page_context, clock=gateway.clock)
+    )
+
+
+def create_app(
+    *, settings: Settings, store: Store, upstream: UpstreamConfig, state: EngineState | None = None,
+    clock: Callable[[], float] = time.time, admin_key: str | None = None, probe_upstream: bool = False,
+) -> GatewayApp:
+    """The gateway app. The admin key comes from settings (or the data dir) unless given."""
+    if admin_key is None:
+        from r1nest.accounts import ensure_admin_key
+
+        admin_key = ensure_admin_key(settings)
+    gateway = Gateway(
+        settings=settings, store=store, upstream=upstream, state=state or EngineState(), clock=clock,
+        admin_key=admin_key, probe_upstream=probe_upstream,
+    )
+    gateway.overview = _overview_app(gateway)
+    return GatewayApp(gateway)

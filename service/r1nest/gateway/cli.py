@@ -1,0 +1,110 @@
+"""`r1nest gateway`: the gateway alone, in front of a running OpenAI-compatible engine.
+
+Served with uvicorn (uvloop + httptools), one worker. SIGTERM/SIGINT drain first: new requests
+get 503, open ones get `drain_timeout_s` to finish, then are cut and settled; a second signal
+exits at once. Uvicorn's own access log is off: it would print raw URLs; the gateway's access
+log prints route names and key ids only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from r1nest.gateway.state import EngineState
+from r1nest.gateway.upstream import UpstreamConfig
+from r1nest.settings import Settings, load_settings
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger("r1nest")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def uvicorn_server(app: Any, settings: Settings, **config: Any) -> Any:
+    """A uvicorn Server for `app` whose exit signals drain the gateway first."""
+    import uvicorn
+
+    gateway = app.state.gateway
+
+    class DrainingServer(uvicorn.Server):
+        draining = False
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.draining:  # second signal: stop now
+                return super().handle_exit(sig, frame)
+            self.draining = True
+            loop = asyncio.get_event_loop()
+
+            async def drain_then_exit() -> None:
+                await gateway.drain(settings.drain_timeout_s)
+                super(DrainingServer, self).handle_exit(sig, frame)
+
+            loop.call_soon_threadsafe(lambda: loop.create_task(drain_then_exit()))
+
+    options: dict[str, Any] = dict(
+        host=settings.host, port=settings.port, loop="uvloop", http="httptools", lifespan="on",
+        access_log=False, log_config=None, log_level=settings.log_level, server_header=False,
+        backlog=2048, timeout_keep_alive=30, limit_concurrency=None,
+    )
+    options.update(config)
+    return DrainingServer(uvicorn.Config(app, **options))
+
+
+def run_gateway(settings: Settings, *, state: EngineState | None = None, probe_upstream: bool = True) -> None:
+    """Open the store, build the app and serve it until a signal."""
+    from r1nest.errors import ConfigError
+    from r1nest.gateway.app import create_app
+    from r1nest.ledger import open_store
+
+    if not settings.upstream_url:
+        raise ConfigError("the gateway needs an upstream engine URL (--upstream or R1NEST_UPSTREAM_URL)")
+    configure_logging(settings.log_level)
+    upstream = UpstreamConfig(
+        url=settings.upstream_url,
+        api_key=settings.upstream_key.get_secret_value() if settings.upstream_key else None,
+        served_model=settings.served_model or settings.model,
+    )
+    store = open_store(settings)
+    if state is None:
+        state = EngineState()
+        state.set_warming(None)  # until the engine's /health answers
+    app = create_app(settings=settings, store=store, upstream=upstream, state=state, probe_upstream=probe_upstream)
+    server = uvicorn_server(app, settings)
+    try:
+        server.run()
+    finally:
+        asyncio.run(store.close())
+    if not server.started:
+        raise ConfigError(f"the gateway could not start on {settings.host}:{settings.port}")
+
+
+@click.command()
+@click.option("--upstream", "upstream_url", help="Base URL of the engine, e.g. http://127.0.0.1:8100.")
+@click.option("--upstream-key", help="The engine's API key (prefer R1NEST_UPSTREAM_KEY: flags show in ps).")
+@click.option("--served-model", help="The model name clients use (default: the settings' model).")
+@click.option("--host", help="Listen address (default 0.0.0.0).")
+@click.option("--port", type=int, help="Listen port (default 8000).")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Where the SQLite ledger and admin key live.")
+def gateway(
+    upstream_url: str | None, upstream_key: str | None, served_model: str | None, host: str | None,
+    port: int | None, data_dir: Path | None,
+) -> None:
+    """Run the gateway (API keys, credits, OpenAI-compatible proxy) in front of an engine.
+
+    Other settings come from R1NEST_* variables or the TOML file named by R1NEST_CONFIG.
+    """
+    settings = load_settings(
+        upstream_url=upstream_url, upstream_key=upstream_key, served_model=served_model,
+        host=host, port=port, data_dir=data_dir,
+    )
+    run_gateway(settings)

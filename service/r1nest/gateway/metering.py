@@ -1,0 +1,135 @@
+"""Reserve the worst case before the engine runs, settle at actual usage after: each reservation
+is closed exactly once (settled or voided), never above what was reserved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from r1nest.errors import InsufficientCredits, PaymentRequired, ReservationClosed, StoreError
+from r1nest.gateway import pricing
+from r1nest.gateway.metrics import Metrics
+from r1nest.gateway.pricing import Price
+from r1nest.gateway.shaping import Shaped, set_max_tokens
+from r1nest.ledger.base import Reservation, Store
+
+log = logging.getLogger("r1nest.gateway.metering")
+
+RESERVE_ATTEMPTS = 4  # a concurrent spender can change the balance between read and reserve
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    prompt_tokens: int
+    completion_tokens: int
+    credits: int
+    clamped: bool
+
+
+class Ticket:
+    """A reservation in flight. `settle` or `void` closes it; later calls are no-ops."""
+
+    def __init__(
+        self, store: Store, reservation: Reservation, *, price: Price, prompt_tokens_bound: int,
+        completion_tokens_bound: int, clock: Callable[[], float], metrics: Metrics,
+    ) -> None:
+        self.store = store
+        self.reservation = reservation
+        self.price = price
+        self.prompt_tokens_bound = prompt_tokens_bound
+        self.completion_tokens_bound = completion_tokens_bound
+        self.clock = clock
+        self.metrics = metrics
+        self.closed = False
+        self.charge: Charge | None = None
+
+    @property
+    def credits_reserved(self) -> int:
+        return self.reservation.credits_reserved
+
+    async def settle(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """Charge actual usage (clamped to the reservation); the balance afterwards."""
+        credits, clamped = pricing.settle_amount(self.price, self.credits_reserved, prompt_tokens, completion_tokens)
+        if prompt_tokens > self.prompt_tokens_bound or completion_tokens > self.completion_tokens_bound:
+            clamped = True
+        if clamped:
+            self.metrics.usage_clamped += 1
+            log.warning(
+                "engine reported usage beyond the reservation; charged at most the reservation "
+                "key_id=%s prompt_tokens=%d completion_tokens=%d credits_reserved=%d credits_charged=%d",
+                self.reservation.key_id, prompt_tokens, completion_tokens, self.credits_reserved, credits,
+            )
+            prompt_tokens = min(prompt_tokens, self.prompt_tokens_bound)
+            completion_tokens = min(completion_tokens, self.completion_tokens_bound)
+        return await self._close(Charge(prompt_tokens, completion_tokens, credits, clamped))
+
+    async def void(self) -> int:
+        return await self._close(Charge(0, 0, 0, False))
+
+    async def _close(self, charge: Charge) -> int:
+        if self.closed:
+            return self.reservation.remaining_credits
+        self.closed = True
+        self.charge = charge
+        now = self.clock()
+        reservation_id = self.reservation.reservation_id
+        try:
+            if charge.credits:
+                operation = self.store.settle(reservation_id, charge.credits, now=now)
+            else:
+                operation = self.store.void(reservation_id, now=now)
+            # shielded: a client that goes away mid-write must not leave the ledger half-told
+            balance = await asyncio.shield(operation)
+        except ReservationClosed:
+            log.error("reservation already closed (swept?) key_id=%s", self.reservation.key_id)
+            return await self._balance_or_estimate()
+        except StoreError as exc:
+            log.error("settlement failed; the sweeper will void it key_id=%s error=%s", self.reservation.key_id, exc)
+            return self.reservation.remaining_credits
+        self.metrics.observe_charge(charge.prompt_tokens, charge.completion_tokens, charge.credits)
+        return balance
+
+    async def _balance_or_estimate(self) -> int:
+        try:
+            return await self.store.balance(self.reservation.key_id)
+        except StoreError:
+            return self.reservation.remaining_credits
+
+
+async def reserve(
+    store: Store, key_id: str, balance: int, shaped: Shaped, *, price: Price, cap: int,
+    ttl_s: float, clock: Callable[[], float], metrics: Metrics,
+) -> Ticket:
+    """Set max_tokens to what the balance affords and reserve its worst case.
+
+    InsufficientCredits (with the current balance) when not even one token is affordable.
+    """
+    for _ in range(RESERVE_ATTEMPTS):
+        affordable = pricing.affordable_completion_tokens(
+            price, balance, shaped.prompt_tokens_bound, choices=shaped.choices, cap=cap
+        )
+        if affordable < 1:
+            break
+        max_tokens = min(shaped.requested_max_tokens or cap, affordable)
+        credits = pricing.cost(price, shaped.prompt_tokens_bound, max_tokens * shaped.choices)
+        try:
+            reservation = await store.reserve(key_id, credits, ttl_s=ttl_s, now=clock())
+        except InsufficientCredits as exc:
+            balance = exc.remaining_credits
+            continue
+        set_max_tokens(shaped, max_tokens)
+        return Ticket(
+            store, reservation, price=price, prompt_tokens_bound=shaped.prompt_tokens_bound,
+            completion_tokens_bound=max_tokens * shaped.choices, clock=clock, metrics=metrics,
+        )
+    raise InsufficientCredits(balance, pricing.cost(price, shaped.prompt_tokens_bound, shaped.choices))
+
+
+def payment_required(exc: InsufficientCredits) -> PaymentRequired:
+    return PaymentRequired(
+        f"Not enough credits: this request needs at least {exc.needed_credits} credits "
+        f"(its prompt and one completion token); the key has {exc.remaining_credits}."
+    )

@@ -1,0 +1,221 @@
+"""What the gateway checks and changes in a completion request before it reaches the engine. Pure.
+
+- validation with clear 400/404 answers (shape, `messages` count, `max_tokens` cap, model name);
+- DeepSeek-R1 conventions: temperature 0.6 / top_p 0.95 when absent, the system prompt folded
+  into the first user turn;
+- usage forced on streams (`stream_options.include_usage` + `continuous_usage_stats`, which vLLM
+  and SGLang both honour), so that partial streams can be paid exactly;
+- a safe upper bound on prompt tokens, for the reservation.
+
+Prompt upper bound: the engines serve byte-level BPE tokenizers (DeepSeek, Qwen, Llama 3), where
+every token stands for at least one byte of text, so a text of B UTF-8 bytes is at most B tokens.
+The bound is the UTF-8 byte length of every string in the messages (contents, names, tool calls)
+and in `tools`, plus PER_MESSAGE_OVERHEAD_TOKENS per message and TEMPLATE_OVERHEAD_TOKENS for the
+chat template's special tokens and generation prompt. Token-id prompts count one per id.
+Non-text content parts (images, audio) are refused: the bound would not hold for them, and the
+R1 family is text-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from r1nest.errors import BadRequest, NotFound
+
+TEMPLATE_OVERHEAD_TOKENS = 64
+PER_MESSAGE_OVERHEAD_TOKENS = 16
+MAX_CHOICES = 16
+MAX_PROMPTS = 64
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    served_model: str
+    max_messages: int
+    max_tokens_cap: int
+    deepseek_defaults: bool = True
+    fold_system_prompt: bool = True
+    default_temperature: float = 0.6
+    default_top_p: float = 0.95
+
+
+@dataclass(slots=True)
+class Shaped:
+    body: dict[str, Any]  # what goes upstream, once max_tokens is set
+    stream: bool
+    prompt_tokens_bound: int
+    choices: int  # sequences generated: n x number of prompts
+    requested_max_tokens: int | None
+    client_usage: bool  # the client asked for the final usage chunk
+    client_continuous_usage: bool  # ... and for usage on every chunk
+
+
+def shape(body: Any, *, chat: bool, policy: Policy) -> Shaped:
+    """Validate a request body and apply the deployment's conventions (max_tokens left unset)."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    body = dict(body)
+    model = body.get("model")
+    if model is not None and model != policy.served_model:
+        raise NotFound(
+            f"The model `{model}` does not exist. This deployment serves `{policy.served_model}`.",
+            code="model_not_found",
+            param="model",
+        )
+    body["model"] = policy.served_model
+
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise BadRequest("`stream` must be true or false", param="stream")
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if not _is_int(n) or not 1 <= n <= MAX_CHOICES:
+        raise BadRequest(f"`n` must be an integer from 1 to {MAX_CHOICES}", param="n")
+    if body.get("best_of") not in (None, 1) or body.get("use_beam_search"):
+        raise BadRequest("`best_of` and beam search are not supported", param="best_of")
+
+    if chat:
+        messages = _check_messages(body.get("messages"), policy)
+        if policy.fold_system_prompt:
+            messages = fold_system_prompt(messages)
+        body["messages"] = messages
+        bound = chat_prompt_bound(messages, body.get("tools"))
+        prompts = 1
+    else:
+        bound, prompts = completion_prompt_bound(body.get("prompt"))
+
+    requested = _requested_max_tokens(body, policy)
+    if policy.deepseek_defaults:
+        if body.get("temperature") is None:
+            body["temperature"] = policy.default_temperature
+        if body.get("top_p") is None:
+            body["top_p"] = policy.default_top_p
+
+    client_usage = client_continuous = False
+    if stream:
+        options = body.get("stream_options")
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            raise BadRequest("`stream_options` must be an object", param="stream_options")
+        client_usage = bool(options.get("include_usage"))
+        client_continuous = client_usage and bool(options.get("continuous_usage_stats"))
+        body["stream_options"] = {**options, "include_usage": True, "continuous_usage_stats": True}
+    else:
+        body.pop("stream_options", None)
+    return Shaped(body, stream, bound, n * prompts, requested, client_usage, client_continuous)
+
+
+def set_max_tokens(shaped: Shaped, max_tokens: int) -> None:
+    shaped.body.pop("max_completion_tokens", None)
+    shaped.body["max_tokens"] = max_tokens
+    min_tokens = shaped.body.get("min_tokens")
+    if _is_int(min_tokens) and min_tokens > max_tokens:
+        shaped.body["min_tokens"] = max_tokens
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _requested_max_tokens(body: dict[str, Any], policy: Policy) -> int | None:
+    value = body.get("max_completion_tokens")
+    name = "max_completion_tokens"
+    if value is None:
+        value, name = body.get("max_tokens"), "max_tokens"
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise BadRequest(f"`{name}` must be a positive integer", param=name)
+    if value > policy.max_tokens_cap:
+        raise BadRequest(
+            f"`{name}` must be at most {policy.max_tokens_cap} on this deployment", param=name
+        )
+    return value
+
+
+def _check_messages(messages: Any, policy: Policy) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("`messages` must be a non-empty list", param="messages")
+    if len(messages) > policy.max_messages:
+        raise BadRequest(
+            f"too many messages: {len(messages)}, at most {policy.max_messages}", param="messages"
+        )
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise BadRequest(f"`{where}` must be an object", param=where)
+        if message.get("role") not in ROLES:
+            raise BadRequest(f"`{where}.role` must be one of {', '.join(sorted(ROLES))}", param=where)
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise BadRequest(f"`{where}.content` may only hold text parts", param=where)
+        elif content is not None and not isinstance(content, str):
+            raise BadRequest(f"`{where}.content` must be a string or a list of text parts", param=where)
+    return messages
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content)
+    return content or ""
+
+
+def fold_system_prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """DeepSeek-R1 takes no system prompt: system (and developer) text is put in front of the
+    first user turn; with no user turn, it becomes one."""
+    system = [m for m in messages if m.get("role") in ("system", "developer")]
+    if not system:
+        return messages
+    instructions = "\n\n".join(t for t in (_text(m.get("content")) for m in system) if t)
+    rest = [m for m in messages if m.get("role") not in ("system", "developer")]
+    for index, message in enumerate(rest):
+        if message.get("role") == "user":
+            user_text = _text(message.get("content"))
+            folded = f"{instructions}\n\n{user_text}" if instructions and user_text else instructions or user_text
+            rest[index] = {**message, "content": folded}
+            return rest
+    return [{"role": "user", "content": instructions}, *rest]
+
+
+def _utf8_bytes(value: Any) -> int:
+    """UTF-8 bytes of every string (keys included) and 1 per other scalar, recursively."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8"))
+    if isinstance(value, dict):
+        return sum(_utf8_bytes(k) + _utf8_bytes(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_utf8_bytes(v) for v in value)
+    return 0 if value is None else len(str(value))
+
+
+def chat_prompt_bound(messages: list[dict[str, Any]], tools: Any = None) -> int:
+    per_message = sum(_utf8_bytes(m) + PER_MESSAGE_OVERHEAD_TOKENS for m in messages)
+    return TEMPLATE_OVERHEAD_TOKENS + per_message + _utf8_bytes(tools)
+
+
+def completion_prompt_bound(prompt: Any) -> tuple[int, int]:
+    """(token upper bound over all prompts, number of prompts)."""
+    if isinstance(prompt, str):
+        return len(prompt.encode("utf-8")) + TEMPLATE_OVERHEAD_TOKENS, 1
+    if isinstance(prompt, list) and prompt:
+        if all(_is_int(t) for t in prompt):
+            return len(prompt) + TEMPLATE_OVERHEAD_TOKENS, 1
+        if all(isinstance(p, str) for p in prompt):
+            return sum(len(p.encode("utf-8")) + TEMPLATE_OVERHEAD_TOKENS for p in prompt), _check_prompt_count(len(prompt))
+        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+            return sum(len(p) + TEMPLATE_OVERHEAD_TOKENS for p in prompt), _check_prompt_count(len(prompt))
+    raise BadRequest("`prompt` must be a string, a list of strings, or token ids", param="prompt")
+
+
+def _check_prompt_count(count: int) -> int:
+    if count > MAX_PROMPTS:
+        raise BadRequest(f"too many prompts: {count}, at most {MAX_PROMPTS}", param="prompt")
+    return count
