@@ -1,0 +1,99 @@
+"""SGLang launch profiles for the R1 family and the distills.
+
+Flags are those of the pinned SGLang (0.5.23; tests parse every profile with its own
+`prepare_server_args`). Sources: SGLang's "DeepSeek V3/V3.1/R1 Usage" page (8xH200, 8xB200,
+8xMI300X, 2x8xH100 with --tp 16 --nnodes 2 --node-rank --dist-init-addr; DP attention for high
+throughput; MTP through the EAGLE speculative path), the large-scale EP guide
+(--ep-size, --moe-a2a-backend deepep) and the reasoning / tool parser docs.
+- SGLang runs one tensor-parallel group over all GPUs of all nodes (--tp-size = total GPUs);
+  DP attention (--enable-dp-attention --dp-size N) replicates attention per rank for throughput.
+- FP8 KV cache: --kv-cache-dtype fp8_e4m3.
+- MTP: --speculative-algorithm EAGLE with the checkpoint's own NextN layer (no draft model path).
+"""
+
+from __future__ import annotations
+
+from r1nest.catalog import ModelSpec
+from r1nest.engines.base import PACKAGED_FILE_PREFIX, EngineProfile, Mode, MultiNode
+from r1nest.hardware import HardwareClass
+
+MTP_ARGS = (
+    "--speculative-algorithm", "EAGLE",
+    "--speculative-num-steps", "1",
+    "--speculative-eagle-topk", "1",
+    "--speculative-num-draft-tokens", "2",
+)
+ATTENTION_BACKEND: dict[str, str] = {"blackwell": "trtllm_mla", "mi300x": "aiter"}
+
+
+def sglang_profile(
+    model: ModelSpec,
+    *,
+    hardware_class: HardwareClass,
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    mode: Mode = "latency",
+    context: int,
+    kv_cache_dtype: str = "auto",
+    gpu_memory_utilization: float = 0.85,
+    speculative: bool | None = None,
+) -> EngineProfile:
+    if hardware_class == "cpu":
+        raise ValueError("r1nest plans SGLang for GPUs only; use vLLM's CPU build on CPUs")
+    world = tp * pp * dp
+    args: list[str] = [
+        "--context-length", str(context),
+        "--mem-fraction-static", f"{gpu_memory_utilization:.2f}",
+        "--tp-size", str(world),
+    ]
+    notes: list[str] = []
+    ep = 1
+    multinode: MultiNode = "nnodes" if nodes > 1 else "single"
+    if dp > 1:
+        args += ["--dp-size", str(dp), "--enable-dp-attention"]
+        notes.append(f"DP attention over {dp} ranks (throughput)")
+    if model.is_moe and world > 1:
+        ep = world
+        args += ["--ep-size", str(ep)]
+        if nodes > 1 and dp > 1:
+            args += ["--moe-a2a-backend", "deepep"]
+            notes.append("DeepEP all-to-all between nodes")
+        notes.append(f"experts sharded over {ep} GPUs (EP)")
+    if kv_cache_dtype == "fp8":
+        args += ["--kv-cache-dtype", "fp8_e4m3"]
+    if model.uses_mla and hardware_class in ATTENTION_BACKEND:
+        args += ["--attention-backend", ATTENTION_BACKEND[hardware_class]]
+    use_mtp = speculative if speculative is not None else (
+        model.mtp_layers > 0 and mode == "latency" and hardware_class in ("hopper", "blackwell")
+    )
+    if use_mtp and model.mtp_layers > 0:
+        args += list(MTP_ARGS)
+        notes.append("MTP speculative decoding (EAGLE path, 1 step)")
+    args += ["--reasoning-parser", model.reasoning_parser_sglang]
+    if model.tool_call_parser_sglang:
+        args += ["--tool-call-parser", model.tool_call_parser_sglang]
+        if model.tool_chat_template:
+            args += ["--chat-template", PACKAGED_FILE_PREFIX + model.tool_chat_template]
+    return EngineProfile(
+        engine="sglang",
+        model=model.hf_repo,
+        served_model_name=model.id,
+        args=tuple(args),
+        env={},
+        hardware_class=hardware_class,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        tp=world,
+        pp=1,
+        dp=dp,
+        ep=ep,
+        mode=mode,
+        multinode=multinode,
+        kv_cache_dtype=kv_cache_dtype,
+        context=context,
+        gpu_memory_utilization=gpu_memory_utilization,
+        notes=tuple(notes),
+    )

@@ -1,0 +1,126 @@
+"""vLLM launch profiles for the R1 family (MoE + MLA + FP8) and the dense distills.
+
+Flags are those of the pinned vLLM (0.32; tests parse every profile with its own argument parser).
+Sources: vLLM's DeepSeek-V3/R1 recipe (docs.vllm.ai/projects/recipes, "DeepSeek-V3 (R1) Usage
+Guide": TP8+EP for latency, DP8+EP for throughput), the expert-parallel deployment guide
+(--data-parallel-size-local / --data-parallel-address / --headless on the other nodes), the
+reasoning-outputs and tool-calling docs, and vLLM's own attention-backend table:
+- FP8 KV cache for MLA needs an MLA backend that supports it: FLASHMLA (SM90/SM100),
+  FLASHINFER_MLA or CUTLASS_MLA (SM100 only), ROCM_AITER_MLA (MI300X). FLASH_ATTN_MLA, vLLM's
+  first choice on Hopper, has no FP8 KV, so the backend is named explicitly.
+- DeepGEMM (VLLM_USE_DEEP_GEMM=1, vLLM's default) runs the FP8 block-scaled GEMMs and MoE on
+  Hopper and Blackwell. Its JIT warm-up takes minutes on a fresh machine.
+- MTP: DeepSeek-V3's one next-token-prediction layer as a speculative drafter,
+  --speculative-config {"method": "mtp", "num_speculative_tokens": 1}.
+"""
+
+from __future__ import annotations
+
+import json
+
+from r1nest.catalog import ModelSpec
+from r1nest.engines.base import PACKAGED_FILE_PREFIX, EngineProfile, Mode, MultiNode
+from r1nest.hardware import HardwareClass
+
+MLA_FP8_BACKEND: dict[str, str] = {
+    "hopper": "FLASHMLA",
+    "blackwell": "FLASHINFER_MLA",
+    "mi300x": "ROCM_AITER_MLA",
+}
+MTP_CONFIG = json.dumps({"method": "mtp", "num_speculative_tokens": 1}, separators=(",", ":"))
+CPU_KVCACHE_GIB = 1
+CPU_MAX_NUM_SEQS = 16
+
+
+def vllm_profile(
+    model: ModelSpec,
+    *,
+    hardware_class: HardwareClass,
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    mode: Mode = "latency",
+    context: int,
+    kv_cache_dtype: str = "auto",
+    gpu_memory_utilization: float = 0.9,
+    speculative: bool | None = None,
+) -> EngineProfile:
+    args: list[str] = ["--max-model-len", str(context)]
+    env: dict[str, str] = {}
+    notes: list[str] = []
+    ep = 1
+    multinode: MultiNode = "single"
+
+    if hardware_class == "cpu":
+        # vLLM's CPU build: KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GiB), not from a
+        # GPU memory fraction; bfloat16 runs on AVX-512 / AMX and falls back elsewhere.
+        args += ["--dtype", "bfloat16", "--max-num-seqs", str(CPU_MAX_NUM_SEQS)]
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(CPU_KVCACHE_GIB)
+        notes.append(f"CPU build: {CPU_KVCACHE_GIB} GiB KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    else:
+        args += ["--gpu-memory-utilization", f"{gpu_memory_utilization:.2f}"]
+        if tp > 1:
+            args += ["--tensor-parallel-size", str(tp)]
+        if pp > 1:
+            args += ["--pipeline-parallel-size", str(pp)]
+        if dp > 1:
+            args += ["--data-parallel-size", str(dp)]
+        if model.is_moe and tp * dp * pp > 1:
+            args.append("--enable-expert-parallel")
+            ep = tp * dp
+            notes.append(f"experts sharded over {ep} GPUs (EP)")
+        if nodes > 1:
+            if dp > 1:
+                multinode = "dp_ep"
+                notes.append("DP+EP across nodes: rank 0 serves the API, the others --headless")
+            else:
+                multinode = "tp_pp"
+                args += ["--distributed-executor-backend", "mp"]
+                notes.append(f"TP{tp} inside each node x PP{pp} across nodes (multiprocessing backend)")
+
+    if model.uses_mla and kv_cache_dtype == "fp8" and hardware_class in MLA_FP8_BACKEND:
+        args += ["--kv-cache-dtype", "fp8", "--attention-backend", MLA_FP8_BACKEND[hardware_class]]
+        notes.append(f"FP8 MLA KV cache on {MLA_FP8_BACKEND[hardware_class]}")
+    elif kv_cache_dtype == "fp8" and hardware_class != "cpu":
+        args += ["--kv-cache-dtype", "fp8"]
+    if model.weight_dtype == "fp8" and hardware_class in ("hopper", "blackwell"):
+        env["VLLM_USE_DEEP_GEMM"] = "1"
+        notes.append("DeepGEMM FP8 kernels (JIT warm-up on first start)")
+    if hardware_class == "mi300x":
+        env["VLLM_ROCM_USE_AITER"] = "1"
+
+    use_mtp = speculative if speculative is not None else (
+        model.mtp_layers > 0 and mode == "latency" and hardware_class in ("hopper", "blackwell")
+    )
+    if use_mtp and model.mtp_layers > 0:
+        args += ["--speculative-config", MTP_CONFIG]
+        notes.append("MTP speculative decoding (1 draft token)")
+
+    args += ["--reasoning-parser", model.reasoning_parser_vllm]
+    if model.tool_call_parser_vllm:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", model.tool_call_parser_vllm]
+        if model.tool_chat_template:
+            args += ["--chat-template", PACKAGED_FILE_PREFIX + model.tool_chat_template]
+
+    return EngineProfile(
+        engine="vllm",
+        model=model.hf_repo,
+        served_model_name=model.id,
+        args=tuple(args),
+        env=env,
+        hardware_class=hardware_class,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        ep=ep,
+        mode=mode,
+        multinode=multinode,
+        kv_cache_dtype=kv_cache_dtype,
+        context=context,
+        gpu_memory_utilization=gpu_memory_utilization,
+        notes=tuple(notes),
+    )
