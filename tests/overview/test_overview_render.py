@@ -103,7 +103,7 @@ def test_served_page_has_no_inline_script_or_style(context):
 
 def test_standalone_page_inlines_its_assets_and_has_no_logout(context):
     html = render_overview(context, standalone=True, logout_url="/overview/logout", csrf_token="x")
-    assert "<link" not in html and "/overview/static" not in html
+    assert "stylesheet" not in html and "/overview/static" not in html and "<script src" not in html
     assert "<style>" in html and "writeClipboard" in html
     assert "csrf_token" not in html
 

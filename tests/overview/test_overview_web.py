@@ -52,7 +52,7 @@ def csrf_of(html: str) -> str:
 def assert_secured(response):
     assert response.headers["content-security-policy"] == CSP
     assert response.headers["x-frame-options"] == "DENY"
-    assert response.headers["referrer-policy"] == "no-referrer"
+    assert response.headers["referrer-policy"] == "same-origin"
     assert response.headers["cache-control"] == "no-store"
 
 

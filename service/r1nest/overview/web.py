@@ -14,7 +14,7 @@ Rules this module holds (tests/overview/test_overview_web.py checks each):
 - state-changing POSTs come from this origin (Origin checked when sent) and logout carries a CSRF
   token bound to the session, compared in constant time;
 - failed logins are limited per client address and overall (429 + Retry-After);
-- every answer carries a strict CSP, X-Frame-Options DENY, Referrer-Policy no-referrer and
+- every answer carries a strict CSP, X-Frame-Options DENY, Referrer-Policy same-origin and
   Cache-Control no-store (the page holds a key).
 """
 
@@ -43,7 +43,7 @@ CSP = (
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # "no-referrer" makes browsers send Origin: null on our own POSTs
     "X-Content-Type-Options": "nosniff",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cache-Control": "no-store",
