@@ -1,0 +1,1 @@
+"""r1nest on AWS: the Pulumi program's modules (see infra/aws/__main__.py)."""

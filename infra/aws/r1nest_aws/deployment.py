@@ -1,0 +1,522 @@
+"""`r1nest:aws:Deployment`: DeepSeek-R1 (or a distill) on EC2 GPU instances behind the r1nest gateway.
+
+What one deployment is made of (every resource is a child of the component and carries the tag
+`r1nest:deployment`, which `r1nest status` looks instances up by):
+
+    network      a new VPC + public subnet(s), or the VPC/subnet given in the configuration;
+                 one security group: the gateway port (8000) from the allowed CIDRs (or from the
+                 load balancer), all traffic between the nodes of the group, nothing else in
+    keys         ApiKey and admin key drawn by pulumi_random in r1nest's key format, exported as
+                 secret outputs and kept as SSM SecureString parameters
+    role         SSM Session Manager (no SSH key pair) + ssm:GetParameter on exactly the two key
+                 parameters (+ the ledger table, + pulling the image from ECR when it lives there)
+    nodes        per replica: `plan.nodes` instances of `plan.instance_type` (Deep Learning Base
+                 GPU AMI, IMDSv2 only, hop limit 1, encrypted gp3 root volume sized by the plan);
+                 a primary network interface created first so the private address is known before
+                 boot (the engine's head address, the internal endpoint); an Elastic IP each
+    multi-node   a cluster placement group and EFA interfaces where the type has them
+    replicas>1   an Application Load Balancer (health check on /health) and a DynamoDB table
+                 (the ledger's own table_spec) shared by the gateways
+
+The instance type, node count, root volume and the engine command all come from the planner.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+import pulumi_random as random
+
+from r1nest_aws.config import ENGINE_PORT, GATEWAY_PORT, DeploymentArgs
+
+COMPONENT_TYPE = "r1nest:aws:Deployment"
+DEPLOYMENT_TAG = "r1nest:deployment"
+
+# Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04): NVIDIA driver, Docker, the NVIDIA
+# container toolkit, the EFA installer and the AWS CLI, published by Amazon.
+AMI_NAME_FILTER = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
+AMI_OWNER = "amazon"
+SSM_CORE_POLICY_ARN = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+
+VPC_CIDR = "10.42.0.0/16"
+SUBNET_CIDRS = ("10.42.0.0/20", "10.42.16.0/20")
+ENGINE_HOST = "127.0.0.1"  # the engine listens on loopback only; the gateway is its one client
+CONTAINER_PYTHON = "python3"
+# r1nest's files inside the service image (images/: the repository is installed at /opt/r1nest)
+CONTAINER_REPO_ROOT = "/opt/r1nest"
+
+ALB_IDLE_TIMEOUT_S = 4000  # the ALB maximum: reasoning streams are long
+HEALTH_PATH = "/health"
+
+_ECR_RE = re.compile(r"^(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com/([^:@]+)")
+
+
+@dataclass(frozen=True)
+class PlannedDeployment:
+    """The planner's answer, reduced to what the infrastructure needs."""
+
+    plan: object  # r1nest.planner.Plan
+    instance_type: str
+    nodes: int
+    root_volume_gib: int
+    efa_interfaces: int  # per node; 0 when the plan is single-node or the type has none
+    vcpus_per_node: int
+
+
+def plan_deployment(args: DeploymentArgs) -> PlannedDeployment:
+    """Pure: the planner's plan for this configuration (PlanError when it cannot fit)."""
+    from r1nest.hardware import get_instance_type
+    from r1nest.planner import plan
+
+    chosen = plan(
+        args.model, "aws", context=args.context, engine=args.engine,
+        instance_type=args.instance_type, nodes=args.nodes,
+    )
+    spec = get_instance_type(chosen.instance_type)
+    return PlannedDeployment(
+        plan=chosen,
+        instance_type=chosen.instance_type,
+        nodes=chosen.nodes,
+        root_volume_gib=chosen.root_volume_gib,
+        efa_interfaces=spec.efa_interfaces if chosen.nodes > 1 else 0,
+        vcpus_per_node=spec.vcpus,
+    )
+
+
+def ecr_repository(image: str) -> tuple[str, str, str] | None:
+    """(account, region, repository) when the image lives in ECR, else None."""
+    match = _ECR_RE.match(image)
+    return (match.group(1), match.group(2), match.group(3)) if match else None
+
+
+def ledger_table_args(spec: dict) -> dict:
+    """The ledger's boto3 `create_table` spec as aws.dynamodb.Table arguments (same table)."""
+    from r1nest.ledger.dynamodb import TTL_ATTRIBUTE
+
+    def keys(schema: list[dict]) -> tuple[str, str | None]:
+        hash_key = next(k["AttributeName"] for k in schema if k["KeyType"] == "HASH")
+        range_key = next((k["AttributeName"] for k in schema if k["KeyType"] == "RANGE"), None)
+        return hash_key, range_key
+
+    hash_key, range_key = keys(spec["KeySchema"])
+    indexes = []
+    for index in spec.get("GlobalSecondaryIndexes", []):
+        index_hash, index_range = keys(index["KeySchema"])
+        indexes.append(aws.dynamodb.TableGlobalSecondaryIndexArgs(
+            name=index["IndexName"], hash_key=index_hash, range_key=index_range,
+            projection_type=index["Projection"]["ProjectionType"],
+            non_key_attributes=index["Projection"].get("NonKeyAttributes"),
+        ))
+    return dict(
+        billing_mode=spec.get("BillingMode", "PAY_PER_REQUEST"),
+        hash_key=hash_key,
+        range_key=range_key,
+        attributes=[
+            aws.dynamodb.TableAttributeArgs(name=a["AttributeName"], type=a["AttributeType"])
+            for a in spec["AttributeDefinitions"]
+        ],
+        global_secondary_indexes=indexes or None,
+        ttl=aws.dynamodb.TableTtlArgs(attribute_name=TTL_ATTRIBUTE, enabled=True),
+        point_in_time_recovery=aws.dynamodb.TablePointInTimeRecoveryArgs(enabled=True),
+        server_side_encryption=aws.dynamodb.TableServerSideEncryptionArgs(enabled=True),
+    )
+
+
+def _container_path(arg: str) -> str:
+    """engine_argv names files shipped with r1nest by their path on this machine; on the box they
+    sit under the image's copy of the repository."""
+    from r1nest.paths import REPO_ROOT
+
+    local_root = str(REPO_ROOT)
+    if arg.startswith(local_root + "/"):
+        return CONTAINER_REPO_ROOT + arg[len(local_root):]
+    return arg
+
+
+class Deployment(pulumi.ComponentResource):
+    """One r1nest deployment on AWS. Attributes are the outputs `__main__.py` exports."""
+
+    def __init__(self, name: str, args: DeploymentArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__(COMPONENT_TYPE, name, None, opts)
+        self.args = args
+        self.planned = plan_deployment(args)
+        self.deployment_name = f"r1nest-{pulumi.get_stack()}"[:48]
+        self._tags = {DEPLOYMENT_TAG: self.deployment_name, "r1nest:model": args.model}
+        child = pulumi.ResourceOptions(parent=self)
+
+        self._network(name, child)
+        self._keys(name, child)
+        self.ledger_table = self._ledger(name, child) if args.replicas > 1 else None
+        self._role(name, child)
+        self.load_balancer = self._load_balancer(name, child) if args.replicas > 1 else None
+        self._nodes(name, child)
+        self._outputs()
+
+    # -- network -----------------------------------------------------------------------------
+    def _network(self, name: str, child: pulumi.ResourceOptions) -> None:
+        args = self.args
+        if args.new_vpc:
+            vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=VPC_CIDR, enable_dns_hostnames=True,
+                              enable_dns_support=True, tags={**self._tags, "Name": self.deployment_name}, opts=child)
+            gateway = aws.ec2.InternetGateway(f"{name}-igw", vpc_id=vpc.id, tags=self._tags, opts=child)
+            routes = aws.ec2.RouteTable(
+                f"{name}-public", vpc_id=vpc.id,
+                routes=[aws.ec2.RouteTableRouteArgs(cidr_block="0.0.0.0/0", gateway_id=gateway.id)],
+                tags=self._tags, opts=child,
+            )
+            zones = [args.availability_zone]
+            if args.replicas > 1:  # an ALB needs subnets in two zones
+                other = aws.get_availability_zones_output(state="available", opts=pulumi.InvokeOptions(parent=self))
+                zones.append(other.names.apply(lambda names: next(z for z in names if z != args.availability_zone)))
+            subnets = []
+            for index, zone in enumerate(zones):
+                subnet = aws.ec2.Subnet(
+                    f"{name}-public-{index}", vpc_id=vpc.id, cidr_block=SUBNET_CIDRS[index],
+                    availability_zone=zone, map_public_ip_on_launch=False, tags=self._tags, opts=child,
+                )
+                aws.ec2.RouteTableAssociation(f"{name}-public-{index}", subnet_id=subnet.id,
+                                              route_table_id=routes.id, opts=child)
+                subnets.append(subnet.id)
+            self.vpc_id: pulumi.Input[str] = vpc.id
+            self.subnet_id: pulumi.Input[str] = subnets[0]
+            self.alb_subnet_ids: list[pulumi.Input[str]] = subnets
+        else:
+            self.vpc_id = args.vpc_id  # type: ignore[assignment]
+            self.subnet_id = args.subnet_id  # type: ignore[assignment]
+            self.alb_subnet_ids = list(args.alb_subnet_ids)
+
+        self.alb_security_group = None
+        if args.replicas > 1:
+            self.alb_security_group = aws.ec2.SecurityGroup(
+                f"{name}-alb", vpc_id=self.vpc_id,
+                description="r1nest load balancer: the gateway port from the allowed CIDRs",
+                ingress=[aws.ec2.SecurityGroupIngressArgs(
+                    protocol="tcp", from_port=GATEWAY_PORT, to_port=GATEWAY_PORT,
+                    cidr_blocks=list(args.allowed_cidrs), description="r1nest gateway",
+                )],
+                egress=[aws.ec2.SecurityGroupEgressArgs(
+                    protocol="tcp", from_port=GATEWAY_PORT, to_port=GATEWAY_PORT,
+                    cidr_blocks=["0.0.0.0/0"], description="to the gateways",
+                )],
+                tags=self._tags, opts=child,
+            )
+            gateway_rule = aws.ec2.SecurityGroupIngressArgs(
+                protocol="tcp", from_port=GATEWAY_PORT, to_port=GATEWAY_PORT,
+                security_groups=[self.alb_security_group.id], description="r1nest gateway, from the load balancer",
+            )
+        else:
+            gateway_rule = aws.ec2.SecurityGroupIngressArgs(
+                protocol="tcp", from_port=GATEWAY_PORT, to_port=GATEWAY_PORT,
+                cidr_blocks=list(args.allowed_cidrs), description="r1nest gateway",
+            )
+        ingress = [gateway_rule]
+        if self.planned.nodes > 1:
+            # NCCL/EFA and the engine's own rendezvous: every port, but only between members of
+            # this group (EFA requires an all-traffic self-referencing rule in and out).
+            ingress.append(aws.ec2.SecurityGroupIngressArgs(
+                protocol="-1", from_port=0, to_port=0, self=True, description="between the nodes of this deployment",
+            ))
+        egress = [aws.ec2.SecurityGroupEgressArgs(
+            protocol="-1", from_port=0, to_port=0, cidr_blocks=["0.0.0.0/0"],
+            description="image, weights, SSM",
+        )]
+        self.security_group = aws.ec2.SecurityGroup(
+            f"{name}-nodes", vpc_id=self.vpc_id,
+            description=f"r1nest nodes: port {GATEWAY_PORT} only; the engine port {ENGINE_PORT} is never open",
+            ingress=ingress, egress=egress, tags=self._tags, opts=child,
+        )
+
+    # -- keys --------------------------------------------------------------------------------
+    def _key(self, name: str, prefix: str, child: pulumi.ResourceOptions) -> pulumi.Output[str]:
+        # r1nest's key format: `<prefix>-<12 hex>-<43 chars>`; [A-Za-z0-9]^43 is 256 bits.
+        key_id = random.RandomId(f"{name}-id", byte_length=6, opts=child)
+        secret = random.RandomPassword(f"{name}-secret", length=43, special=False, opts=child)
+        return pulumi.Output.secret(pulumi.Output.format("{0}-{1}-{2}", prefix, key_id.hex, secret.result))
+
+    def _keys(self, name: str, child: pulumi.ResourceOptions) -> None:
+        from r1nest.keys import ADMIN_PREFIX, KEY_PREFIX
+
+        self.api_key = self._key(f"{name}-api-key", KEY_PREFIX, child)
+        self.admin_key = self._key(f"{name}-admin-key", ADMIN_PREFIX, child)
+        self.api_key_parameter = aws.ssm.Parameter(
+            f"{name}-api-key", name=f"/r1nest/{pulumi.get_stack()}/api-key", type="SecureString",
+            value=self.api_key, description="r1nest ApiKey (read by the instances at boot)",
+            tags=self._tags, opts=child,
+        )
+        self.admin_key_parameter = aws.ssm.Parameter(
+            f"{name}-admin-key", name=f"/r1nest/{pulumi.get_stack()}/admin-key", type="SecureString",
+            value=self.admin_key, description="r1nest admin key (read by the instances at boot)",
+            tags=self._tags, opts=child,
+        )
+
+    # -- ledger ------------------------------------------------------------------------------
+    def _ledger(self, name: str, child: pulumi.ResourceOptions) -> aws.dynamodb.Table:
+        from r1nest.ledger.dynamodb import table_spec
+
+        return aws.dynamodb.Table(f"{name}-ledger", **ledger_table_args(table_spec()), tags=self._tags, opts=child)
+
+    # -- role --------------------------------------------------------------------------------
+    def _role(self, name: str, child: pulumi.ResourceOptions) -> None:
+        role = aws.iam.Role(
+            f"{name}-node", description="r1nest node: SSM Session Manager and the deployment's keys",
+            assume_role_policy=json.dumps({
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+                               "Principal": {"Service": "ec2.amazonaws.com"}}],
+            }),
+            tags=self._tags, opts=child,
+        )
+        aws.iam.RolePolicyAttachment(f"{name}-ssm-core", role=role.name, policy_arn=SSM_CORE_POLICY_ARN, opts=child)
+        table_arn = self.ledger_table.arn if self.ledger_table is not None else None
+        ecr = ecr_repository(self.args.image)
+
+        def policy(arns: list) -> str:
+            api_arn, admin_arn, ledger_arn = arns
+            statements: list[dict] = [{
+                "Sid": "ReadDeploymentKeys", "Effect": "Allow", "Action": ["ssm:GetParameter"],
+                # SecureStrings under the AWS-managed key aws/ssm: SSM decrypts on the role's
+                # behalf, so no kms:Decrypt statement is needed.
+                "Resource": [api_arn, admin_arn],
+            }]
+            if ledger_arn:
+                statements.append({
+                    "Sid": "SharedLedger", "Effect": "Allow",
+                    "Action": ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem",
+                               "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:BatchGetItem",
+                               "dynamodb:TransactWriteItems", "dynamodb:TransactGetItems",
+                               "dynamodb:ConditionCheckItem", "dynamodb:DescribeTable"],
+                    "Resource": [ledger_arn, f"{ledger_arn}/index/*"],
+                })
+            if ecr:
+                account, region, repository = ecr
+                statements += [
+                    # GetAuthorizationToken cannot be scoped to a resource (ECR's IAM reference)
+                    {"Sid": "EcrLogin", "Effect": "Allow", "Action": ["ecr:GetAuthorizationToken"], "Resource": "*"},
+                    {"Sid": "PullServiceImage", "Effect": "Allow",
+                     "Action": ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
+                     "Resource": f"arn:aws:ecr:{region}:{account}:repository/{repository}"},
+                ]
+            return json.dumps({"Version": "2012-10-17", "Statement": statements})
+
+        aws.iam.RolePolicy(
+            f"{name}-node", role=role.id,
+            policy=pulumi.Output.all(self.api_key_parameter.arn, self.admin_key_parameter.arn, table_arn).apply(policy),
+            opts=child,
+        )
+        self.instance_profile = aws.iam.InstanceProfile(f"{name}-node", role=role.name, tags=self._tags, opts=child)
+
+    # -- load balancer -----------------------------------------------------------------------
+    def _load_balancer(self, name: str, child: pulumi.ResourceOptions) -> aws.lb.LoadBalancer:
+        assert self.alb_security_group is not None
+        alb = aws.lb.LoadBalancer(
+            f"{name}-alb", internal=False, load_balancer_type="application",
+            security_groups=[self.alb_security_group.id], subnets=self.alb_subnet_ids,
+            idle_timeout=ALB_IDLE_TIMEOUT_S, drop_invalid_header_fields=True, tags=self._tags, opts=child,
+        )
+        self.target_group = aws.lb.TargetGroup(
+            f"{name}-gateways", port=GATEWAY_PORT, protocol="HTTP", target_type="instance", vpc_id=self.vpc_id,
+            deregistration_delay=45,  # the gateway's drain time
+            health_check=aws.lb.TargetGroupHealthCheckArgs(
+                enabled=True, path=HEALTH_PATH, port=str(GATEWAY_PORT), protocol="HTTP", matcher="200",
+                interval=15, timeout=5, healthy_threshold=2, unhealthy_threshold=3,
+            ),
+            tags=self._tags, opts=child,
+        )
+        aws.lb.Listener(
+            f"{name}-gateway", load_balancer_arn=alb.arn, port=GATEWAY_PORT, protocol="HTTP",
+            default_actions=[aws.lb.ListenerDefaultActionArgs(type="forward", target_group_arn=self.target_group.arn)],
+            tags=self._tags, opts=child,
+        )
+        return alb
+
+    # -- nodes -------------------------------------------------------------------------------
+    def _nodes(self, name: str, child: pulumi.ResourceOptions) -> None:
+        args, planned = self.args, self.planned
+        ami = aws.ec2.get_ami_output(
+            most_recent=True, owners=[AMI_OWNER],
+            filters=[
+                aws.ec2.GetAmiFilterArgs(name="name", values=[AMI_NAME_FILTER]),
+                aws.ec2.GetAmiFilterArgs(name="architecture", values=["x86_64"]),
+                aws.ec2.GetAmiFilterArgs(name="state", values=["available"]),
+            ],
+            opts=pulumi.InvokeOptions(parent=self),
+        )
+        self.instances: list[aws.ec2.Instance] = []
+        self.heads: list[aws.ec2.Instance] = []
+        self.head_public_ips: list[pulumi.Output[str]] = []
+        self.head_private_ips: list[pulumi.Output[str]] = []
+        for replica in range(args.replicas):
+            placement = None
+            if planned.nodes > 1:
+                placement = aws.ec2.PlacementGroup(f"{name}-r{replica}", strategy="cluster",
+                                                   tags=self._tags, opts=child)
+            head_ip: pulumi.Output[str] | None = None
+            for rank in range(planned.nodes):
+                node = f"{name}-r{replica}-n{rank}"
+                eni = aws.ec2.NetworkInterface(
+                    node, subnet_id=self.subnet_id, security_groups=[self.security_group.id],
+                    interface_type="efa" if planned.efa_interfaces else None,
+                    description=f"r1nest replica {replica} node {rank}", tags=self._tags, opts=child,
+                )
+                eip = aws.ec2.Eip(node, domain="vpc", tags={**self._tags, "Name": node}, opts=child)
+                if rank == 0:
+                    head_ip = eni.private_ip
+                assert head_ip is not None
+                public_url = (self.load_balancer.dns_name if self.load_balancer is not None else eip.public_ip)
+                user_data = pulumi.Output.all(
+                    public_url, eni.private_ip, head_ip, self.api_key_parameter.name,
+                    self.admin_key_parameter.name,
+                    self.ledger_table.name if self.ledger_table is not None else None,
+                ).apply(lambda values, rank=rank: self._user_data(rank, *values))
+                instance = aws.ec2.Instance(node, opts=pulumi.ResourceOptions(parent=self, depends_on=[eip]),
+                                            **self._instance_args(node, ami.id, eni, placement, user_data, replica, rank))
+                aws.ec2.EipAssociation(node, allocation_id=eip.allocation_id, network_interface_id=eni.id,
+                                       opts=pulumi.ResourceOptions(parent=self, depends_on=[instance]))
+                self.instances.append(instance)
+                if rank == 0:
+                    self.heads.append(instance)
+                    self.head_public_ips.append(eip.public_ip)
+                    self.head_private_ips.append(eni.private_ip)
+                    if self.load_balancer is not None:
+                        aws.lb.TargetGroupAttachment(node, target_group_arn=self.target_group.arn,
+                                                     target_id=instance.id, port=GATEWAY_PORT, opts=child)
+
+    def _instance_args(self, node: str, ami_id: pulumi.Input[str], eni: aws.ec2.NetworkInterface,
+                       placement: aws.ec2.PlacementGroup | None, user_data: pulumi.Input[str],
+                       replica: int, rank: int) -> dict:
+        planned = self.planned
+        instance_args: dict = dict(
+            ami=ami_id,
+            instance_type=planned.instance_type,
+            iam_instance_profile=self.instance_profile.name,
+            metadata_options=aws.ec2.InstanceMetadataOptionsArgs(
+                http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=1,
+                instance_metadata_tags="disabled",
+            ),
+            root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(
+                volume_type="gp3", volume_size=planned.root_volume_gib, encrypted=True,
+                delete_on_termination=True, tags=self._tags,
+            ),
+            ebs_optimized=True,
+            user_data=user_data,
+            user_data_replace_on_change=True,
+            placement_group=placement.id if placement is not None else None,
+            tags={**self._tags, "Name": node, "r1nest:replica": str(replica), "r1nest:node-rank": str(rank),
+                  "r1nest:role": "head" if rank == 0 else "worker"},
+            volume_tags=None,
+        )
+        if self.args.spot:
+            instance_args["instance_market_options"] = aws.ec2.InstanceInstanceMarketOptionsArgs(
+                market_type="spot",
+                spot_options=aws.ec2.InstanceInstanceMarketOptionsSpotOptionsArgs(
+                    spot_instance_type="one-time", instance_interruption_behavior="terminate",
+                ),
+            )
+        if planned.efa_interfaces:
+            # The first card carries the pre-created primary interface (EFA with ENA); every other
+            # network card gets an EFA interface of its own (p5: 32 cards).
+            interfaces = [aws.ec2.LaunchTemplateNetworkInterfaceArgs(
+                network_interface_id=eni.id, device_index=0, network_card_index=0,
+            )] + [
+                aws.ec2.LaunchTemplateNetworkInterfaceArgs(
+                    device_index=1, network_card_index=card, interface_type="efa",
+                    subnet_id=self.subnet_id, security_groups=[self.security_group.id],
+                    delete_on_termination="true",
+                )
+                for card in range(1, planned.efa_interfaces)
+            ]
+            template = aws.ec2.LaunchTemplate(node, network_interfaces=interfaces, tags=self._tags,
+                                              opts=pulumi.ResourceOptions(parent=self))
+            instance_args["launch_template"] = aws.ec2.InstanceLaunchTemplateArgs(id=template.id, version="$Latest")
+        else:
+            instance_args["primary_network_interface"] = aws.ec2.InstancePrimaryNetworkInterfaceArgs(
+                network_interface_id=eni.id,
+            )
+        return instance_args
+
+    def _user_data(self, rank: int, public_host: str, private_ip: str, head_ip: str,
+                   api_parameter: str, admin_parameter: str, table: str | None) -> str:
+        from r1nest.cloud.userdata import CONTAINER_SECRETS_DIR, ENGINE_KEY_SENTINEL, NodeBoot, render_user_data
+        from r1nest.engines.base import engine_argv, engine_env, engine_secret_files
+
+        args, planned = self.args, self.planned
+        profile = planned.plan.profile  # type: ignore[attr-defined]
+        argv = engine_argv(
+            profile, host=ENGINE_HOST, port=ENGINE_PORT, node_rank=rank,
+            head_address=head_ip if planned.nodes > 1 else None, python=CONTAINER_PYTHON,
+            secrets_dir=CONTAINER_SECRETS_DIR if profile.engine == "sglang" else None,
+        )
+        env = engine_env(profile, api_key=ENGINE_KEY_SENTINEL)
+        files = engine_secret_files(profile, api_key=ENGINE_KEY_SENTINEL)
+        boot = NodeBoot(
+            deployment=self.deployment_name,
+            region=args.region,
+            image=args.image,
+            node_rank=rank,
+            nodes=planned.nodes,
+            served_model=profile.served_model_name,
+            engine_argv=tuple(_container_path(a) for a in argv),
+            engine_env=tuple(sorted(env.items())),
+            doctor_argv=("r1nest", "doctor", "--model", args.model, "--engine", args.engine,
+                         "--nodes", str(planned.nodes)),
+            api_key_parameter=api_parameter,
+            admin_key_parameter=admin_parameter,
+            gateway_port=GATEWAY_PORT,
+            engine_port=ENGINE_PORT,
+            efa=planned.efa_interfaces > 0,
+            public_url=f"http://{public_host}:{GATEWAY_PORT}/v1",
+            internal_url=f"http://{private_ip}:{GATEWAY_PORT}/v1",
+            price_prompt_per_mtok=args.price_prompt_per_mtok,
+            price_completion_per_mtok=args.price_completion_per_mtok,
+            initial_credits=args.initial_credits,
+            store="dynamodb" if table else "sqlite",
+            dynamodb_table=table,
+            ecr_registry=_ecr_registry(args.image),
+            engine_secret_files=tuple(sorted(files.items())),
+        )
+        return render_user_data(boot)
+
+    # -- outputs -----------------------------------------------------------------------------
+    def _outputs(self) -> None:
+        args, planned = self.args, self.planned
+        public_host = (self.load_balancer.dns_name if self.load_balancer is not None else self.head_public_ips[0])
+        self.public_endpoint = pulumi.Output.format("http://{0}:{1}/v1", public_host, GATEWAY_PORT)
+        self.internal_endpoint = pulumi.Output.format("http://{0}:{1}/v1", self.head_private_ips[0], GATEWAY_PORT)
+        self.overview_url = pulumi.Output.format("http://{0}:{1}/overview", public_host, GATEWAY_PORT)
+        self.instance_ids = pulumi.Output.all(*[i.id for i in self.instances])
+        profile = planned.plan.profile  # type: ignore[attr-defined]
+        self.outputs: dict[str, object] = {
+            "public_endpoint": self.public_endpoint,
+            "internal_endpoint": self.internal_endpoint,
+            "overview_url": self.overview_url,
+            "api_key": self.api_key,
+            "admin_key": self.admin_key,
+            "model": profile.served_model_name,
+            "model_repo": profile.model,
+            "engine": args.engine,
+            "instance_type": planned.instance_type,
+            "nodes": planned.nodes,
+            "replicas": args.replicas,
+            "credits": args.initial_credits,
+            "region": args.region,
+            "deployment": self.deployment_name,
+            "instance_ids": self.instance_ids,
+            "vcpus_per_node": planned.vcpus_per_node,
+            "spot": args.spot,
+            # integers for money: micro-dollars per hour for all instances (on-demand list price)
+            "cost_microusd_per_hour": planned.plan.cost_microusd_per_hour * args.replicas,  # type: ignore[attr-defined]
+            "api_key_parameter": self.api_key_parameter.name,
+            "admin_key_parameter": self.admin_key_parameter.name,
+        }
+        if self.ledger_table is not None:
+            self.outputs["ledger_table"] = self.ledger_table.name
+        self.register_outputs(self.outputs)
+
+
+def _ecr_registry(image: str) -> str | None:
+    repo = ecr_repository(image)
+    return f"{repo[0]}.dkr.ecr.{repo[1]}.amazonaws.com" if repo else None

@@ -1,0 +1,152 @@
+"""Run the Pulumi program offline under `pulumi.runtime.Mocks` and record what it registers.
+
+`run_stack(config, plant=None)` runs `infra/aws/__main__.py`'s program body with the given
+`r1nest:*` configuration against fresh mocks and a fresh root stack, and returns a `StackRun`:
+every resource registered (type, name, inputs as the engine sees them), the stack outputs
+resolved, and which outputs are secret. `plant` is a stack transformation (pulumi's
+`register_stack_transformation`) that alters resources on their way to the engine: the tests use
+it to plant one violation and watch the matching policy check report it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+pulumi = pytest.importorskip("pulumi")
+pytest.importorskip("pulumi_aws")
+pytest.importorskip("pulumi_random")
+
+INFRA_DIR = Path(__file__).resolve().parents[3] / "infra" / "aws"
+if str(INFRA_DIR) not in sys.path:
+    sys.path.insert(0, str(INFRA_DIR))
+
+from r1nest_aws.policies import Registered  # noqa: E402
+
+ACCOUNT = "123456789012"
+REGION = "us-east-1"
+BASE_CONFIG = {
+    "model": "deepseek-r1-distill-qwen-7b",
+    "image": f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/r1nest:vllm",
+    "allowedCidrs": "203.0.113.0/24",
+}
+
+
+class RecordingMocks(pulumi.runtime.Mocks):
+    """Answers like AWS would (ids, ARNs, addresses) and records every registration."""
+
+    def __init__(self) -> None:
+        self.resources: list[Registered] = []
+        self._count = 0
+
+    def _next(self) -> int:
+        self._count += 1
+        return self._count
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
+        self.resources.append(Registered(args.typ, args.name, dict(args.inputs)))
+        n = self._next()
+        outputs = dict(args.inputs)
+        token = args.typ
+        if token == "random:index/randomId:RandomId":
+            outputs.update(hex=f"{n:012x}", b64Url="x", dec=str(n))
+        elif token == "random:index/randomPassword:RandomPassword":
+            outputs.update(result=(f"S{n:03d}" + "Zq9" * 20)[: int(args.inputs.get("length", 43))])
+        elif token == "aws:ssm/parameter:Parameter":
+            outputs["arn"] = f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter{args.inputs['name']}"
+        elif token == "aws:ec2/networkInterface:NetworkInterface":
+            outputs.update(privateIp=f"10.42.0.{10 + n}")
+        elif token == "aws:ec2/eip:Eip":
+            outputs.update(publicIp=f"198.51.100.{n}", allocationId=f"eipalloc-{n:08x}")
+        elif token == "aws:ec2/instance:Instance":
+            outputs.update(primaryNetworkInterfaceId=f"eni-{n:08x}", arn=f"arn:aws:ec2:{REGION}:{ACCOUNT}:instance/i-{n:017x}")
+            return f"i-{n:017x}", outputs
+        elif token == "aws:lb/loadBalancer:LoadBalancer":
+            outputs.update(dnsName=f"{args.name}-1234.{REGION}.elb.amazonaws.com",
+                           arn=f"arn:aws:elasticloadbalancing:{REGION}:{ACCOUNT}:loadbalancer/app/{args.name}/1")
+        elif token == "aws:dynamodb/table:Table":
+            outputs.update(name=f"{args.name}-{n:04x}", arn=f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{args.name}-{n:04x}")
+        elif token in ("aws:iam/role:Role", "aws:iam/instanceProfile:InstanceProfile"):
+            outputs.update(name=f"{args.name}-{n:04x}", arn=f"arn:aws:iam::{ACCOUNT}:role/{args.name}")
+        elif "arn" not in outputs:
+            outputs["arn"] = f"arn:aws:mock:{REGION}:{ACCOUNT}:{args.name}"
+        return f"{args.name}-id", outputs
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict, list | None]:
+        if args.token == "aws:ec2/getAmi:getAmi":
+            return {"id": "ami-0123456789abcdef0", "name": "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) 20260101",
+                    "architecture": "x86_64"}, []
+        if args.token == "aws:index/getAvailabilityZones:getAvailabilityZones":
+            return {"names": [f"{REGION}a", f"{REGION}b", f"{REGION}c"], "zoneIds": ["use1-az1", "use1-az2", "use1-az4"],
+                    "id": REGION}, []
+        return {}, []
+
+
+@dataclass
+class StackRun:
+    resources: list[Registered]
+    outputs: dict[str, Any]
+    secret_outputs: set[str]
+    config: dict[str, str] = field(default_factory=dict)
+
+    def of(self, token: str) -> list[Registered]:
+        return [r for r in self.resources if r.type == token]
+
+    def one(self, token: str) -> Registered:
+        found = self.of(token)
+        assert len(found) == 1, f"expected one {token}, found {len(found)}"
+        return found[0]
+
+
+Plant = Callable[[Any], Any]
+
+
+def _run(config: dict[str, str], plant: Plant | None, region: str | None) -> StackRun:
+    from pulumi.runtime import settings
+
+    from r1nest_aws import program
+
+    mocks = RecordingMocks()
+    settings.ROOT.set(None)  # a fresh root stack for every run
+    pulumi.runtime.set_mocks(mocks, project="r1nest", stack="test", preview=False)
+    all_config = {f"r1nest:{k}": v for k, v in config.items()}
+    if region:
+        all_config["aws:region"] = region
+    pulumi.runtime.set_all_config(all_config)
+    outputs: dict[str, Any] = {}
+    secret: set[str] = set()
+
+    @pulumi.runtime.test
+    def body():
+        if plant is not None:
+            pulumi.runtime.register_stack_transformation(plant)
+        program.run()
+        exported = dict(settings.get_root_resource().outputs)
+
+        async def collect() -> None:
+            for name, value in exported.items():
+                out = pulumi.Output.from_input(value)
+                outputs[name] = await out.future()
+                if await out.is_secret():
+                    secret.add(name)
+
+        return asyncio.ensure_future(collect())
+
+    body()
+    return StackRun(mocks.resources, outputs, secret, dict(config))
+
+
+@pytest.fixture
+def run_stack() -> Callable[..., StackRun]:
+    def run(config: dict[str, str] | None = None, *, plant: Plant | None = None, region: str | None = REGION,
+            **overrides: str) -> StackRun:
+        merged = dict(BASE_CONFIG if config is None else config)
+        merged.update(overrides)
+        return _run(merged, plant, region)
+
+    return run
