@@ -1,0 +1,178 @@
+"""Contexts from each source: Pulumi stack outputs, a Modal app, a local data dir; live probes; the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from r1nest.errors import ConfigError
+from r1nest.ledger.memory import MemoryStore
+from r1nest.overview import sources
+from r1nest.overview.cli import overview
+from r1nest.overview.context import Readiness
+from r1nest.settings import Settings
+
+from .conftest import make_context
+
+FIXTURE = Path(__file__).parent / "fixtures" / "pulumi-outputs.json"
+OUTPUTS = json.loads(FIXTURE.read_text())
+
+
+def test_pulumi_outputs_give_the_aws_context():
+    ctx = sources.from_pulumi_outputs(OUTPUTS)
+    assert ctx.model == "deepseek-r1" and ctx.engine == "vllm" and ctx.model_repo == "deepseek-ai/DeepSeek-R1"
+    assert ctx.public_endpoint == "http://198.51.100.23:8000/v1"
+    assert ctx.internal_endpoint == "http://10.20.1.37:8000/v1"
+    assert ctx.api_key == OUTPUTS["api_key"]
+    assert ("instance type", "p5en.48xlarge") in ctx.details and ("region", "us-east-2") in ctx.details
+    assert ctx.remaining_credits is None  # the "credits" output is the initial grant, not the balance
+
+
+def test_admin_key_from_the_stack_is_never_on_the_page():
+    from r1nest.overview.render import render_overview
+
+    html = render_overview(sources.from_pulumi_outputs(OUTPUTS), standalone=True)
+    assert OUTPUTS["admin_key"] not in html
+    assert OUTPUTS["api_key"] in html
+
+
+@pytest.mark.parametrize("missing", ["public_endpoint", "model", "engine"])
+def test_pulumi_outputs_missing_a_field_say_which(missing):
+    outputs = {k: v for k, v in OUTPUTS.items() if k != missing}
+    with pytest.raises(ConfigError, match=missing):
+        sources.from_pulumi_outputs(outputs)
+
+
+def test_masked_secret_output_is_refused_with_a_hint():
+    with pytest.raises(ConfigError, match="--show-secrets"):
+        sources.from_pulumi_outputs({**OUTPUTS, "api_key": "[secret]"})
+
+
+def test_pulumi_cli_is_run_with_argv_and_its_failure_is_a_clear_error(tmp_path):
+    calls = []
+
+    def run(argv, **kw):
+        calls.append((argv, kw))
+        return subprocess.CompletedProcess(argv, 0, stdout=FIXTURE.read_bytes(), stderr=b"")
+
+    outputs = sources.pulumi_stack_outputs(tmp_path, stack="dev", run=run)
+    assert outputs == OUTPUTS
+    argv, kw = calls[0]
+    assert argv == ["pulumi", "stack", "output", "--json", "--show-secrets", "--non-interactive", "--stack", "dev"]
+    assert kw["cwd"] == str(tmp_path) and kw["timeout"] > 0 and "shell" not in kw
+
+    def failing(argv, **kw):
+        return subprocess.CompletedProcess(argv, 255, stdout=b"", stderr=b"error: no stack named 'dev' found\n")
+
+    with pytest.raises(ConfigError, match="no stack named 'dev'"):
+        sources.pulumi_stack_outputs(tmp_path, stack="dev", run=failing)
+
+
+def test_stack_json_file_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        sources.load_outputs_file(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not JSON"):
+        sources.load_outputs_file(bad)
+
+
+def test_modal_context_from_the_deployed_app_and_key_file(tmp_path):
+    key = make_context().api_key
+    key_file = tmp_path / "modal.api_key"
+    sources.write_key_file(key_file, key)
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    seen = []
+
+    def lookup(app, function, environment):
+        seen.append((app, function, environment))
+        return "https://acme--r1nest-serve.modal.run"
+
+    ctx = sources.from_modal(app_name="r1nest", function_name="serve", model="deepseek-r1-distill-qwen-7b",
+                             engine="vllm", key_file=key_file, lookup=lookup)
+    assert seen == [("r1nest", "serve", None)]
+    assert ctx.public_endpoint == "https://acme--r1nest-serve.modal.run/v1"
+    assert ctx.internal_endpoint is None and "no private network address" in ctx.internal_endpoint_note
+    assert ctx.api_key == key
+
+    with pytest.raises(ConfigError, match="no web URL"):
+        sources.from_modal(app_name="r1nest", function_name="serve", model="m", engine="vllm",
+                           key_file=key_file, lookup=lambda *a: None)
+
+
+def test_local_context_from_the_data_dir(tmp_path):
+    settings = Settings(data_dir=tmp_path, port=8123, served_model="tiny-r1")
+    ctx = sources.from_local(settings)
+    assert ctx.public_endpoint == "http://127.0.0.1:8123/v1"
+    assert ctx.internal_endpoint is None and "R1NEST_INTERNAL_URL" in ctx.internal_endpoint_note
+    assert ctx.api_key is None and ctx.model == "tiny-r1"
+    key = make_context().api_key
+    sources.write_key_file(tmp_path / sources.API_KEY_FILE, key)
+    settings = Settings(data_dir=tmp_path, public_url="https://r1.example.com", internal_url="http://10.0.0.5:8000")
+    ctx = sources.from_local(settings)
+    assert ctx.api_key == key and ctx.internal_endpoint == "http://10.0.0.5:8000/v1"
+    assert ctx.public_endpoint == "https://r1.example.com/v1"
+
+
+async def test_gateway_context_reads_the_key_balance_from_the_store(tmp_path):
+    from r1nest.accounts import create_api_key
+
+    store = MemoryStore()
+    _, key = await create_api_key(store, name="demo", credits=4321, now=1.0)
+    sources.write_key_file(tmp_path / sources.API_KEY_FILE, key)
+    settings = Settings(data_dir=tmp_path)
+    ctx = await sources.gateway_context(settings=settings, store=store, served_model="m", phase="warming", eta_s=30.0)
+    assert ctx.api_key == key and ctx.remaining_credits == 4321
+    assert ctx.readiness == Readiness("warming", 30.0)
+
+
+def test_probe_reads_health_and_credits():
+    ctx = make_context(remaining_credits=None, readiness=Readiness())
+    asked = []
+
+    def http_get(url, headers):
+        asked.append((url, dict(headers)))
+        if url.endswith("/health"):
+            return 503, b'{"status": "warming", "eta_s": 42.0}'
+        return 200, b'{"object": "credits", "remaining_credits": 777}'
+
+    live = sources.probe(ctx, http_get=http_get)
+    assert live == sources.Live(Readiness("warming", 42.0), 777)
+    assert asked[0] == ("http://203.0.113.7:8000/health", {})
+    assert asked[1] == ("http://203.0.113.7:8000/v1/credits", {"Authorization": f"Bearer {ctx.api_key}"})
+    assert ctx.api_key not in asked[1][0], "the key never goes in a URL"
+
+
+def test_probe_failures_become_unknown_with_a_reason():
+    def down(url, headers):
+        raise ConnectionRefusedError
+
+    live = sources.probe(make_context(), http_get=down)
+    assert live.readiness.phase == "unknown" and "Could not reach" in live.readiness.detail
+    assert live.remaining_credits is None
+    live = sources.probe(make_context(), http_get=lambda u, h: (200, b"<html>"))
+    assert live.readiness.phase == "unknown"
+
+
+def test_cli_renders_the_stack_json_to_a_private_file(tmp_path):
+    out = tmp_path / "page.html"
+    result = CliRunner().invoke(overview, ["--stack-json", str(FIXTURE), "--out", str(out), "--no-probe",
+                                           "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    html = out.read_text()
+    assert OUTPUTS["public_endpoint"] in html and OUTPUTS["api_key"] in html
+    assert OUTPUTS["api_key"] not in result.output, "the key is not printed"
+
+
+def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path):
+    result = CliRunner().invoke(overview, ["--stack-json", str(tmp_path / "missing.json"), "--no-probe"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ConfigError) and "cannot read" in str(result.exception)
