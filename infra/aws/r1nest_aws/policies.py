@@ -202,13 +202,19 @@ def engine_port_closed(resources: Sequence[Registered], *, engine_port: int) -> 
     return problems
 
 
+def exec_argv(line: str) -> list[str]:
+    """The argv of a systemd `Exec...=` line as r1nest writes them (systemd_command)."""
+    _, _, command = line.strip().partition("=")
+    return shlex.split(command.lstrip("-").replace("$$", "$").replace("%%", "%"))
+
+
 def engine_hosts(user_data: str) -> list[str]:
     """The --host of every engine command (ExecStart of r1nest-engine.service) in user data."""
     hosts = []
     for line in user_data.splitlines():
         line = line.strip()
         if line.startswith("ExecStart=") and "r1nest-engine" in line:
-            argv = shlex.split(line[len("ExecStart="):].replace("$$", "$").replace("%%", "%"))
+            argv = exec_argv(line)
             hosts += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--host"]
             hosts += [a.split("=", 1)[1] for a in argv if a.startswith("--host=")]
     return hosts
