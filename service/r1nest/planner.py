@@ -281,15 +281,19 @@ def plan(
     hardware_class: HardwareClass | None = None,
     mode: Mode | None = None,
     local_gpus: str | None = None,
+    gpu: str | None = None,
+    gpu_count: int | None = None,
 ) -> Plan:
     """The cheapest deployment of `model` on `cloud` that serves `concurrency` sequences of
     `context` tokens; PlanError(reason, alternatives) when none does.
 
     `instance_type`: an AWS instance type, or a Modal GPU string ("H200:8") on Modal.
     `hardware_class`: restrict to one class; on cloud="local" "cpu" (the default there) plans
-    vLLM's CPU build, a GPU class needs `local_gpus` ("H100:8").
+    vLLM's CPU build; local GPUs are named by `local_gpus` ("H100:8") or `gpu` + `gpu_count`.
     """
     spec = resolve_model(model)
+    if gpu is not None and local_gpus is None:
+        local_gpus = f"{gpu}:{gpu_count or 1}"
     if cloud not in CLOUDS:
         raise ConfigError(f"unknown cloud {cloud!r}; choose one of {', '.join(CLOUDS)}")
     if engine not in ("vllm", "sglang"):

@@ -6,7 +6,8 @@ Flags are those of the pinned SGLang (0.5.23; tests parse every profile with its
 throughput; MTP through the EAGLE speculative path), the large-scale EP guide
 (--ep-size, --moe-a2a-backend deepep) and the reasoning / tool parser docs.
 - SGLang runs one tensor-parallel group over all GPUs of all nodes (--tp-size = total GPUs);
-  DP attention (--enable-dp-attention --dp-size N) replicates attention per rank for throughput.
+  DP attention (--attn-dp-size N; older releases: --dp-size N --enable-dp-attention) gives each
+  rank its own sequences and attention weights, for throughput.
 - FP8 KV cache: --kv-cache-dtype fp8_e4m3.
 - MTP: --speculative-algorithm EAGLE with the checkpoint's own NextN layer (no draft model path).
 """
@@ -53,7 +54,9 @@ def sglang_profile(
     ep = 1
     multinode: MultiNode = "nnodes" if nodes > 1 else "single"
     if dp > 1:
-        args += ["--dp-size", str(dp), "--enable-dp-attention"]
+        # SGLang 0.5.23 spells DP attention --attn-dp-size N (it deprecates the older
+        # "--dp-size N --enable-dp-attention", which still works there).
+        args += ["--attn-dp-size", str(dp)]
         notes.append(f"DP attention over {dp} ranks (throughput)")
     if model.is_moe and world > 1:
         ep = world

@@ -1,0 +1,144 @@
+"""Every vLLM command line r1nest can produce is accepted by the installed vLLM's own parser.
+
+The parser is the one `vllm serve` builds (make_arg_parser over FlexibleArgumentParser), then
+vLLM's own serve-argument validation. argparse accepts unambiguous prefixes of long options, so
+each flag is also checked to be spelled exactly as vLLM defines it. Named parsers, attention
+backends, speculative methods and environment variables are checked against vLLM's registries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import pytest
+
+from r1nest.engines import EngineProfile, engine_argv, engine_env
+from r1nest.engines.matrix import profile_matrix
+
+pytestmark = pytest.mark.engine
+
+vllm = pytest.importorskip("vllm", reason="vLLM (the CPU build) is not installed")
+
+PROFILES = list(profile_matrix("vllm"))
+
+
+def _argvs(profile: EngineProfile) -> list[list[str]]:
+    head = "10.0.0.1" if profile.nodes > 1 else None
+    return [
+        engine_argv(profile, host="127.0.0.1", port=8100, node_rank=rank, head_address=head)
+        for rank in range(profile.nodes)
+    ]
+
+
+@pytest.fixture(scope="module")
+def vllm_cli() -> dict[str, Any]:
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+    options = {opt for action in parser._actions for opt in action.option_strings}
+    return {"parser": parser, "options": options, "validate": validate_parsed_serve_args}
+
+
+def check_argv(cli: dict[str, Any], argv: list[str]) -> Any:
+    """Parse like `vllm serve`; raise AssertionError/SystemExit on anything vLLM would refuse."""
+    assert argv[:4] == [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"], argv[:4]
+    rest = argv[4:]
+    for token in rest:
+        if token.startswith("--"):
+            assert token.split("=", 1)[0] in cli["options"], f"vLLM has no flag spelled {token!r}"
+    args = cli["parser"].parse_args(rest)
+    cli["validate"](args)
+    return args
+
+
+def check_values(args: Any) -> None:
+    from vllm.config.speculative import SpeculativeMethod
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+    from typing import get_args
+
+    if args.reasoning_parser:
+        assert args.reasoning_parser in ReasoningParserManager.list_registered()
+    if args.tool_call_parser:
+        assert args.tool_call_parser in ToolParserManager.list_registered()
+    if args.speculative_config:
+        spec = args.speculative_config
+        spec = json.loads(spec) if isinstance(spec, str) else spec
+        methods: set[str] = set()
+        stack = list(get_args(SpeculativeMethod))
+        while stack:  # Literal of Literals
+            item = stack.pop()
+            inner = get_args(item)
+            if inner:
+                stack.extend(inner)
+            else:
+                methods.add(item)
+        assert spec["method"] in methods
+    if args.chat_template:
+        assert os.path.isfile(args.chat_template), args.chat_template
+
+
+@pytest.mark.parametrize("label,profile", PROFILES, ids=[label for label, _ in PROFILES])
+def test_vllm_accepts_every_profile(vllm_cli: dict[str, Any], label: str, profile: EngineProfile) -> None:
+    for argv in _argvs(profile):
+        args = check_argv(vllm_cli, argv)
+        check_values(args)
+        assert args.served_model_name == [profile.served_model_name]
+        assert args.model_tag == profile.model
+
+
+def test_profile_env_names_are_vllm_variables() -> None:
+    import vllm.envs as envs
+
+    for _, profile in PROFILES:
+        for name in engine_env(profile, api_key="k"):
+            assert name in envs.environment_variables, name
+
+
+def test_vllm_reads_its_api_key_from_the_environment() -> None:
+    """engine_env() relies on VLLM_API_KEY; the flag must be absent from every argv."""
+    import vllm.envs as envs
+
+    assert "VLLM_API_KEY" in envs.environment_variables
+    for _, profile in PROFILES:
+        for argv in _argvs(profile):
+            assert "--api-key" not in argv
+
+
+def test_matrix_covers_the_hard_cases() -> None:
+    flags = [set(p.args) for _, p in PROFILES]
+    labels = [label for label, _ in PROFILES]
+    assert any("--enable-expert-parallel" in f and "--data-parallel-size" in f for f in flags)
+    assert any("--speculative-config" in f for f in flags)
+    assert any("FLASHMLA" in f for f in flags) and any("FLASHINFER_MLA" in f for f in flags)
+    assert any("--tool-call-parser" in f for f in flags)
+    assert any(p.multinode == "tp_pp" for _, p in PROFILES)
+    assert any(p.multinode == "dp_ep" for _, p in PROFILES)
+    assert any(label.startswith("cpu:") for label in labels)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--enable-expert-paralel"],  # misspelled
+        ["--tensor-parallel", "8"],  # a prefix argparse would silently accept
+        ["--kv-cache-dtype", "fp9"],  # a value vLLM does not know
+        ["--bogus-flag"],
+    ],
+)
+def test_a_planted_bad_flag_fails(vllm_cli: dict[str, Any], bad: list[str]) -> None:
+    _, profile = PROFILES[0]
+    argv = _argvs(profile)[0] + bad
+    with pytest.raises((AssertionError, SystemExit)):
+        check_argv(vllm_cli, argv)
+
+
+def test_a_planted_unknown_parser_fails(vllm_cli: dict[str, Any]) -> None:
+    _, profile = PROFILES[0]
+    argv = _argvs(profile)[0] + ["--reasoning-parser", "deepseek-r1"]  # SGLang's spelling
+    with pytest.raises((AssertionError, SystemExit, KeyError, ValueError)):
+        check_values(check_argv(vllm_cli, argv))
