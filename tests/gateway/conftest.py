@@ -120,3 +120,60 @@ def raw_request(port: int, request_line: str, headers: dict[str, str] | None = N
     response = b"".join(chunks)
     status = int(response.split(b" ", 2)[1])
     return status, response
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class GatewayProcess:
+    """`r1nest gateway` as a child process (its stderr captured to a file)."""
+
+    def __init__(self, engine_url: str, data_dir: Any, *, log_path: Any, **env: str) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        child_env = {k: v for k, v in os.environ.items() if not k.upper().startswith("R1NEST_")}
+        child_env.update(
+            R1NEST_UPSTREAM_KEY=ENGINE_KEY, R1NEST_ADMIN_KEY=ADMIN_KEY, R1NEST_LOG_LEVEL="debug",
+            R1NEST_PRICE_PROMPT_PER_MTOK="1000000", R1NEST_PRICE_COMPLETION_PER_MTOK="2000000",
+            R1NEST_MAX_TOKENS_CAP="1000", **env,
+        )
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "r1nest", "gateway", "--upstream", engine_url, "--served-model", MODEL,
+             "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(data_dir)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=child_env,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.process.poll() is None, self.log()
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def stop(self, *, kill: bool = False) -> int:
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        code = self.process.wait(30)
+        if not self._log.closed:
+            self._log.close()
+        return code

@@ -199,6 +199,8 @@ async def forward_stream(
         exchange.remaining_credits = await ticket.void()  # time limit before the engine answered
         raise UpstreamError("The engine did not answer in time.")
 
+    if interruptible.reason is not None:
+        ticket.metrics.aborted_streams += 1
     prompt_tokens, completion_tokens = tracker.usage()
     if completion_tokens == 0 and not tracker.complete:
         balance = await ticket.void()  # nothing generated: a failure before the first token is free
