@@ -11,6 +11,7 @@ JSON output (`--json`) has a fixed shape, versioned by `schema_version`; see `Do
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal
@@ -163,10 +164,10 @@ def _class_of(gpu: GpuFacts) -> HardwareClass | None:
 
 def match_gpu_model(gpu: GpuFacts) -> GpuModel | None:
     """The hardware table's GPU for a detected one: by name, then by class and nearest memory."""
-    name = gpu.name.upper().replace(" ", "")
-    for key in sorted(GPUS, key=len, reverse=True):
+    words = set(re.split(r"[\s\-_]+", gpu.name.upper()))  # "NVIDIA A100-SXM4-80GB" -> A100, ...
+    for key in GPUS:
         stem = key.split("-")[0].upper()
-        if stem in name:
+        if stem in words:  # whole words: a GH200 is not an H200
             same = [g for k, g in GPUS.items() if k.split("-")[0].upper() == stem]
             return min(same, key=lambda g: abs(g.memory_bytes - gpu.memory_bytes))
     return None
@@ -388,7 +389,8 @@ def diagnose(
             plan_json = result.to_json() if hasattr(result, "to_json") else dict(result)
             profile = getattr(result, "profile", None)
             profile_env = dict(getattr(profile, "env", {}) or {})
-            kv_dtype = _kv_cache_dtype(tuple(getattr(profile, "args", ()) or ()))
+            kv_dtype = getattr(profile, "kv_cache_dtype", None) or _kv_cache_dtype(
+                tuple(getattr(profile, "args", ()) or ()))
             checks.append(Check("plan", "ok", _plan_summary(plan_json)))
 
     backends = expected_backends(model, engine, hw_class, modules, kv_cache_dtype=kv_dtype,
@@ -410,6 +412,10 @@ def plan_for_box(model: ModelSpec, *, engine: str, nodes: int, hardware_class: s
     from r1nest import planner
 
     gpu_model = match_gpu_model(gpus[0]) if gpus else None
+    if gpus and gpu_model is None:
+        raise PlanError(f"{gpus[0].name} is not in r1nest's hardware table (r1nest.hardware.GPUS), "
+                        "so the planner cannot size a deployment for it.",
+                        [f"one of {', '.join(GPUS)}"])
     return planner.plan(
         model,
         "local",

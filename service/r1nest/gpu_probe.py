@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -32,15 +33,17 @@ FI_INFO_TIMEOUT_S = 20.0
 IMPORT_PROBE_TIMEOUT_S = 180.0  # importing vLLM cold takes tens of seconds on a slow disk
 
 # Modules whose import says a kernel family is there; none of them allocates GPU memory.
+# "a|b": either module will do (the engine falls back from one to the other);
+# "module:attr": the module imports and has that attribute (an op compiled into a kernel library).
 ENGINE_MODULES: dict[str, dict[str, str]] = {
     "vllm": {
         "engine": "vllm",
-        "custom_ops": "vllm._C",
+        "custom_ops": "@vllm_ops",  # the platform's own loader: the CPU build picks an AVX variant
         "moe_ops": "vllm._moe_C",
         "fused_moe": "vllm.model_executor.layers.fused_moe",
         "flashmla": "vllm._flashmla_C",
         "flash_attn": "vllm.vllm_flash_attn",
-        "deep_gemm": "deep_gemm",
+        "deep_gemm": "deep_gemm|vllm.third_party.deep_gemm",  # vLLM prefers the external package
         "deep_ep": "deep_ep",
         "flashinfer": "flashinfer",
         "ray": "ray",
@@ -49,7 +52,7 @@ ENGINE_MODULES: dict[str, dict[str, str]] = {
         "engine": "sglang",
         "sgl_kernel": "sgl_kernel",
         "fused_moe": "sglang.srt.layers.moe.fused_moe_triton",
-        "flashmla": "sgl_kernel.flash_mla",
+        "flashmla": "sgl_kernel:flash_mla_with_kvcache",
         "deep_gemm": "deep_gemm",
         "deep_ep": "deep_ep",
         "flashinfer": "flashinfer",
@@ -270,52 +273,117 @@ def parse_nvidia_smi_row(row: str) -> GpuFacts | None:
 
 # --- engine kernels ----------------------------------------------------------------------------
 
-_IMPORT_SCRIPT = """
+_IMPORT_SCRIPT = r"""
 import importlib, json, sys
-roles = json.loads(sys.argv[1])
-out = {"modules": {}, "errors": {}, "version": None}
-for role, name in roles.items():
+
+
+def vllm_ops():
+    from vllm.platforms import current_platform
+    current_platform.import_kernels()
+    import torch
+    torch.ops._C.rms_norm  # raises when no custom-op library was loaded
+    return importlib.import_module("vllm")
+
+
+def check(spec):
+    if spec == "@vllm_ops":
+        return vllm_ops()
+    error = None
+    for name in spec.split("|"):
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+            if attr and not hasattr(module, attr):
+                raise ImportError(module_name + " has no " + attr)
+            return module
+        except BaseException as exc:  # a broken extension raises anything, even SystemExit
+            error = error or exc
+    raise error
+
+
+for role, spec in json.loads(sys.argv[1]).items():
+    print("R1NEST-TRY " + role, flush=True)
     try:
-        module = importlib.import_module(name)
-    except BaseException as exc:  # a broken extension raises anything, even SystemExit
-        out["modules"][role] = False
-        out["errors"][role] = (type(exc).__name__ + ": " + str(exc)).splitlines()[0][:300]
-    else:
-        out["modules"][role] = True
-        if role == "engine":
-            out["version"] = getattr(module, "__version__", None)
-print("R1NEST-IMPORTS " + json.dumps(out))
+        module = check(spec)
+        version = getattr(module, "__version__", None) if role == "engine" else None
+        print("R1NEST-OK " + json.dumps([role, version]), flush=True)
+    except BaseException as exc:
+        message = (type(exc).__name__ + ": " + str(exc)).strip().splitlines()[0][:300]
+        print("R1NEST-ERR " + json.dumps([role, message]), flush=True)
 """
 
 
 class SubprocessKernelProbe:
-    """Imports the engine's kernel modules in a child Python: a crash there cannot take us down."""
+    """Imports the engine's kernel modules in a child Python: a crash there cannot take us down.
 
-    def __init__(self, python: str = sys.executable, timeout_s: float = IMPORT_PROBE_TIMEOUT_S) -> None:
+    A module that kills the child (SIGILL from a kernel built for another CPU, a segfault in a
+    CUDA extension) is reported as such and the child is restarted for the roles left.
+    """
+
+    def __init__(
+        self,
+        python: str = sys.executable,
+        timeout_s: float = IMPORT_PROBE_TIMEOUT_S,
+        table: dict[str, dict[str, str]] | None = None,
+        child_env: dict[str, str] | None = None,
+    ) -> None:
         self.python = python
         self.timeout_s = timeout_s
+        self.table = table or ENGINE_MODULES
+        self.child_env = child_env  # None: inherit ours
 
     def kernels(self, engine: str) -> KernelFacts:
-        roles = ENGINE_MODULES[engine]
+        pending = dict(self.table[engine])
+        modules: dict[str, bool] = {}
+        errors: dict[str, str] = {}
+        version: str | None = None
+        for _ in range(len(pending)):  # at most one restart per role
+            if not pending:
+                break
+            try:
+                done = subprocess.run(
+                    [self.python, "-c", _IMPORT_SCRIPT, json.dumps(pending)],
+                    capture_output=True, text=True, timeout=self.timeout_s, check=False,
+                    env=self.child_env,
+                )
+                stdout, returncode, stderr = done.stdout, done.returncode, done.stderr
+            except subprocess.TimeoutExpired as exc:
+                stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+                returncode, stderr = None, f"took longer than {self.timeout_s:.0f} s"
+            except OSError as exc:
+                stdout, returncode, stderr = "", None, str(exc)
+            trying = None
+            for line in stdout.splitlines():
+                tag, _, payload = line.partition(" ")
+                if tag == "R1NEST-TRY":
+                    trying = payload
+                elif tag in ("R1NEST-OK", "R1NEST-ERR"):
+                    role, value = json.loads(payload)
+                    modules[role] = tag == "R1NEST-OK"
+                    if tag == "R1NEST-OK" and role == "engine":
+                        version = value
+                    if tag == "R1NEST-ERR":
+                        errors[role] = value
+                    pending.pop(role, None)
+                    trying = None
+            if trying is None:
+                break  # the child finished (or never started a role: nothing more to learn)
+            modules[trying] = False
+            errors[trying] = f"the import killed Python ({_exit_reason(returncode, stderr)})"
+            pending.pop(trying, None)
+        for role in pending:
+            modules.setdefault(role, False)
+            errors.setdefault(role, "not checked")
+        return KernelFacts(engine, version, {r: modules[r] for r in self.table[engine]}, errors)
+
+
+def _exit_reason(returncode: int | None, stderr: str) -> str:
+    if returncode is not None and returncode < 0:
         try:
-            done = subprocess.run(
-                [self.python, "-c", _IMPORT_SCRIPT, json.dumps(roles)],
-                capture_output=True, text=True, timeout=self.timeout_s, check=False,
-            )
-        except subprocess.TimeoutExpired:
-            return _all_missing(engine, f"importing {engine} took longer than {self.timeout_s:.0f} s")
-        except OSError as exc:
-            return _all_missing(engine, str(exc))
-        for line in done.stdout.splitlines():
-            if line.startswith("R1NEST-IMPORTS "):
-                data = json.loads(line.removeprefix("R1NEST-IMPORTS "))
-                return KernelFacts(engine, data["version"], data["modules"], data["errors"])
-        return _all_missing(engine, _last_line(done.stderr) or f"exit status {done.returncode}")
-
-
-def _all_missing(engine: str, reason: str) -> KernelFacts:
-    roles = ENGINE_MODULES[engine]
-    return KernelFacts(engine, None, {r: False for r in roles}, {r: reason for r in roles})
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+    return _last_line(stderr) or f"exit status {returncode}"
 
 
 # --- network -------------------------------------------------------------------------------------

@@ -184,3 +184,25 @@ def test_run_doctor_end_to_end_with_fake_probes_has_the_pinned_json_schema(tiny_
                                                         "memory_bytes", "fp8_supported", "fp8_gemm"]
     assert list(gpu_report["hardware"]["gpus"][0]["fp8_gemm"]) == ["ran", "tflops", "max_rel_error", "error"]
     json.dumps(gpu_report)  # serialisable as is
+
+
+def test_the_real_planner_sizes_the_detected_box() -> None:
+    from r1nest.doctor import plan_for_box
+
+    h200 = diagnose(box("H200", 8), R1, planner=plan_for_box)
+    assert h200.ok, h200.reason
+    assert h200.plan["gpu"] == "H200" and h200.plan["gpus_per_node"] == 8
+    assert h200.plan["kv_cache_dtype"] == "fp8"
+    assert h200.backends["attention"] == "FLASHMLA"  # the profile's FP8 KV cache picks FlashMLA
+
+    one_h100 = diagnose(box("H100", 8), R1, planner=plan_for_box)
+    assert {c.name for c in one_h100.checks if c.status == "fail"} >= {"gpu_memory", "plan"}
+
+    distill = diagnose(box("L40S", 1), QWEN_7B, planner=plan_for_box)
+    assert distill.ok, distill.reason
+    assert distill.plan["gpu"] == "L40S"
+
+    unknown = diagnose(box("H200", 8), R1, planner=lambda *a, **k: plan_for_box(
+        *a, **{**k, "gpus": tuple(g.__class__(**{**g.__dict__, "name": "NVIDIA GH200 480GB"})
+                                  for g in k["gpus"])}))
+    assert "not in r1nest's hardware table" in unknown.reason

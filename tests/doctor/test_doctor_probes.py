@@ -1,0 +1,68 @@
+"""The probes against the real machine: kernel imports in a child Python, disk, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from r1nest.gpu_probe import HfCacheDiskProbe, SubprocessKernelProbe
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_module_that_kills_python_is_reported_and_the_rest_still_checked(tmp_path: Path) -> None:
+    (tmp_path / "crashy.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    (tmp_path / "fine.py").write_text("__version__ = '1.2'\n")
+    table = {"eng": {"engine": "fine", "crash": "crashy", "after": "json", "missing": "no_such_mod",
+                     "either": "no_such_mod|json", "attr": "json:dumps", "no_attr": "json:nope"}}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    facts = SubprocessKernelProbe(table=table, child_env=env).kernels("eng")
+    assert facts.version == "1.2"
+    assert facts.modules == {"engine": True, "crash": False, "after": True, "missing": False,
+                             "either": True, "attr": True, "no_attr": False}
+    assert "SIGSEGV" in facts.errors["crash"]
+    assert "no_such_mod" in facts.errors["missing"]
+    assert "has no nope" in facts.errors["no_attr"]
+
+
+def test_disk_probe_counts_what_the_hub_cache_already_holds(tmp_path: Path) -> None:
+    blobs = tmp_path / "hub" / "models--org--name" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / "a").write_bytes(b"x" * 1000)
+    facts = HfCacheDiskProbe(tmp_path / "hub").disk("org/name")
+    assert facts.cached_bytes == 1000 and facts.free_bytes > 0
+    assert HfCacheDiskProbe(tmp_path / "not-yet" / "hub").disk("org/name").cached_bytes == 0
+
+
+def _doctor(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("R1NEST_")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # this machine's answer must not depend on a stray GPU
+    return subprocess.run([sys.executable, "-m", "r1nest", "doctor", *args], capture_output=True,
+                          text=True, timeout=300, env=env, check=False)
+
+
+@pytest.mark.engine
+def test_cli_on_a_box_without_gpu(tmp_path: Path) -> None:
+    pytest.importorskip("vllm")
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    (tiny / "config.json").write_text(json.dumps({
+        "model_type": "deepseek_v3", "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64,
+        "max_position_embeddings": 2048, "kv_lora_rank": 32, "qk_rope_head_dim": 16,
+        "n_routed_experts": 4, "num_experts_per_tok": 2}))
+    ok = _doctor("--model", str(tiny), "--json")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    data = json.loads(ok.stdout)
+    assert data["schema_version"] == 1 and data["ok"] is True
+    assert data["hardware"]["gpu_count"] == 0 and data["hardware"]["class"] == "cpu"
+    assert data["kernels"]["modules"]["engine"] is True
+
+    refused = _doctor("--model", "deepseek-r1-distill-qwen-7b")
+    assert refused.returncode == 1
+    assert "no GPU found" in refused.stdout
+    assert "Traceback" not in refused.stdout + refused.stderr
