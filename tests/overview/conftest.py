@@ -37,39 +37,12 @@ def context() -> OverviewContext:
     return make_context()
 
 
-class LoopbackServer:
-    """An ASGI app served by uvicorn on a free loopback port, in a thread; bounded start/stop."""
 
-    def __init__(self, app) -> None:
-        import socket
+class DeferredApp:
+    """An ASGI app whose target is set after its server is bound (so the page knows its URL)."""
 
-        import uvicorn
+    def __init__(self) -> None:
+        self.app = None
 
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="auto")
-        self._server = uvicorn.Server(config)
-        self._thread = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "LoopbackServer":
-        import threading
-        import time
-
-        self._thread = threading.Thread(target=self._server.run, name="overview-test-server", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 15
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("test server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(15)
+    async def __call__(self, scope, receive, send) -> None:
+        await self.app(scope, receive, send)

@@ -10,7 +10,9 @@ from r1nest.overview.render import render_overview
 from r1nest.overview.web import overview_routes
 
 from .browser import LAPTOP, PHONE, launched_browser, screenshot
-from .conftest import ADMIN_KEY, LoopbackServer, make_context, verify_admin_key
+from r1nest.testing.asgi_server import ServedApp
+
+from .conftest import ADMIN_KEY, make_context, verify_admin_key
 
 pytestmark = pytest.mark.browser
 
@@ -27,7 +29,7 @@ def server(ctx):
         return ctx
 
     app = Starlette(routes=overview_routes(verify_admin_key=verify_admin_key, page_context=page_context))
-    with LoopbackServer(app) as running:
+    with ServedApp(app) as running:
         yield running
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import re
 import shlex
-from html.parser import HTMLParser
 
 import pytest
 
@@ -15,56 +14,7 @@ from r1nest.overview.examples import build_examples
 from r1nest.overview.render import render_overview
 
 from .conftest import make_context
-
-
-class _Extract(HTMLParser):
-    """Texts of <pre data-example> blocks as a user sees them once the key is revealed
-    (spans .key-mask dropped), plus every <script> element's attributes and inline text."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.examples: dict[str, str] = {}
-        self.scripts: list[tuple[dict, str]] = []
-        self._current: str | None = None
-        self._skip_depth = 0
-        self._depth = 0
-        self._in_script: dict | None = None
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "script":
-            self._in_script = attrs
-            self.scripts.append((attrs, ""))
-        if tag == "pre" and "data-example" in attrs:
-            self._current = attrs["data-example"]
-            self.examples[self._current] = ""
-        if self._current is not None and tag == "span":
-            self._depth += 1
-            if "key-mask" in (attrs.get("class") or "").split() and not self._skip_depth:
-                self._skip_depth = self._depth
-
-    def handle_endtag(self, tag):
-        if tag == "script":
-            self._in_script = None
-        if tag == "pre":
-            self._current = None
-        if self._current is not None and tag == "span":
-            if self._skip_depth == self._depth:
-                self._skip_depth = 0
-            self._depth -= 1
-
-    def handle_data(self, data):
-        if self._in_script is not None:
-            attrs, text = self.scripts[-1]
-            self.scripts[-1] = (attrs, text + data)
-        if self._current is not None and not self._skip_depth:
-            self.examples[self._current] += data
-
-
-def extract(html: str) -> _Extract:
-    parser = _Extract()
-    parser.feed(html)
-    return parser
+from .pagetext import extract
 
 
 def test_examples_on_the_page_are_exactly_the_built_examples(context):

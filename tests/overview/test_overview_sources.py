@@ -141,10 +141,13 @@ def test_probe_reads_health_and_credits():
         asked.append((url, dict(headers)))
         if url.endswith("/health"):
             return 503, b'{"status": "warming", "eta_s": 42.0}'
+        if url.endswith("/models"):
+            return 200, b'{"object": "list", "data": [{"id": "deepseek-r1-0528", "object": "model"}]}'
         return 200, b'{"object": "credits", "remaining_credits": 777}'
 
     live = sources.probe(ctx, http_get=http_get)
-    assert live == sources.Live(Readiness("warming", 42.0), 777)
+    assert live == sources.Live(Readiness("warming", 42.0), 777, "deepseek-r1-0528")
+    assert sources.with_live(ctx, live).model == "deepseek-r1-0528"
     assert asked[0] == ("http://203.0.113.7:8000/health", {})
     assert asked[1] == ("http://203.0.113.7:8000/v1/credits", {"Authorization": f"Bearer {ctx.api_key}"})
     assert ctx.api_key not in asked[1][0], "the key never goes in a URL"

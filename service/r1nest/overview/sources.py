@@ -52,6 +52,7 @@ LOCAL_INTERNAL_NOTE = (
 class Live:
     readiness: Readiness
     remaining_credits: int | None
+    model: str | None = None  # what GET /v1/models says the deployment serves
 
 
 HttpGet = Callable[[str, Mapping[str, str]], tuple[int, bytes]]  # url, headers -> status, body
@@ -65,7 +66,8 @@ def _httpx_get(url: str, headers: Mapping[str, str]) -> tuple[int, bytes]:
 
 
 def probe(ctx: OverviewContext, *, http_get: HttpGet = _httpx_get) -> Live:
-    """Readiness from GET <root>/health and credits from GET /v1/credits; never raises."""
+    """Readiness from GET <root>/health, credits from GET /v1/credits and the served model from
+    GET /v1/models (both with the key, in a header); never raises."""
     root = ctx.public_endpoint.removesuffix("/v1")
     try:
         status, body = http_get(root + "/health", {})
@@ -73,16 +75,25 @@ def probe(ctx: OverviewContext, *, http_get: HttpGet = _httpx_get) -> Live:
         readiness = Readiness("unknown", detail=f"Could not reach {root}/health ({type(exc).__name__}).")
     else:
         readiness = _readiness_from_health(status, body, root)
-    credits = None
+    credits = model = None
     if ctx.api_key is not None:
+        headers = {"Authorization": f"Bearer {ctx.api_key}"}
         try:
-            status, body = http_get(ctx.public_endpoint + "/credits", {"Authorization": f"Bearer {ctx.api_key}"})
+            status, body = http_get(ctx.public_endpoint + "/credits", headers)
             if status == 200:
                 value = json.loads(body).get("remaining_credits")
                 credits = value if isinstance(value, int) and not isinstance(value, bool) else None
         except Exception:  # noqa: BLE001 - credits stay "unknown"
             credits = None
-    return Live(readiness=readiness, remaining_credits=credits)
+        try:
+            status, body = http_get(ctx.public_endpoint + "/models", headers)
+            if status == 200:
+                data = json.loads(body).get("data")
+                first = data[0].get("id") if isinstance(data, list) and data and isinstance(data[0], dict) else None
+                model = first if isinstance(first, str) and first else None
+        except Exception:  # noqa: BLE001 - the configured model name stays
+            model = None
+    return Live(readiness=readiness, remaining_credits=credits, model=model)
 
 
 def _readiness_from_health(status: int, body: bytes, root: str) -> Readiness:
@@ -98,8 +109,9 @@ def _readiness_from_health(status: int, body: bytes, root: str) -> Readiness:
 
 
 def with_live(ctx: OverviewContext, live: Live) -> OverviewContext:
+    """`ctx` with what the running deployment says (its answer wins over configuration)."""
     credits = live.remaining_credits if live.remaining_credits is not None else ctx.remaining_credits
-    return replace(ctx, readiness=live.readiness, remaining_credits=credits)
+    return replace(ctx, readiness=live.readiness, remaining_credits=credits, model=live.model or ctx.model)
 
 
 # -- key files -------------------------------------------------------------------------------------
