@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,7 +120,11 @@ def check_outputs(outputs: dict[str, str]) -> None:
         thinking, answer_marker, answer = out.partition("\n\nAnswer:\n")
         assert answer_marker, f"{name}: no Answer section:\n{out}"
         assert thinking == "Thinking:\n" + REASONING, f"{name}: reasoning first:\n{out}"
-        assert answer.strip() == ANSWER.strip(), f"{name}: then the answer:\n{out}"
+        answer_text, _, tail = answer.partition("\n\n[")
+        assert answer_text.strip() == ANSWER.strip(), f"{name}: then the answer:\n{out}"
+        # the final usage chunk: tokens and the credits left after settlement
+        match = re.fullmatch(r"(\d+) tokens; (\d+) credits left\]\n", tail)
+        assert match and 0 < int(match.group(2)) < CREDITS, f"{name}: usage line:\n{out}"
 
     credits = json.loads(outputs["credits"])
     assert isinstance(credits["remaining_credits"], int) and 0 < credits["remaining_credits"] < CREDITS

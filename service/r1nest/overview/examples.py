@@ -145,12 +145,16 @@ def python_example(ctx: OverviewContext) -> Example:
         f"    top_p={TOP_P},\n"
         f"    max_tokens={MAX_TOKENS},\n"
         "    stream=True,\n"
+        "    stream_options={\"include_usage\": True},\n"
         ")\n\n"
         "# The reasoning arrives first, in delta.reasoning_content; the answer follows in delta.content.\n"
         'print("Thinking:")\n'
         "answering = False\n"
         "for chunk in stream:\n"
-        "    if not chunk.choices:\n"
+        "    if not chunk.choices:  # the last chunk: token usage and the key's credits after this answer\n"
+        "        if chunk.usage:\n"
+        '            credits = getattr(chunk, "remaining_credits", None)\n'
+        '            print(f"\\n\\n[{chunk.usage.total_tokens} tokens; {credits} credits left]", end="")\n'
         "        continue\n"
         "    delta = chunk.choices[0].delta\n"
         '    reasoning = getattr(delta, "reasoning_content", None)\n'
@@ -189,11 +193,17 @@ def javascript_example(ctx: OverviewContext) -> Example:
         f"  top_p: {TOP_P},\n"
         f"  max_tokens: {MAX_TOKENS},\n"
         "  stream: true,\n"
+        "  stream_options: { include_usage: true },\n"
         "});\n\n"
         "// The reasoning arrives first, in delta.reasoning_content; the answer follows in delta.content.\n"
         'process.stdout.write("Thinking:\\n");\n'
         "let answering = false;\n"
         "for await (const chunk of stream) {\n"
+        "  if (chunk.usage && chunk.choices.length === 0) {\n"
+        "    // the last chunk: token usage and the key's credits after this answer\n"
+        "    process.stdout.write(`\\n\\n[${chunk.usage.total_tokens} tokens; ${chunk.remaining_credits} credits left]`);\n"
+        "    continue;\n"
+        "  }\n"
         "  const delta = chunk.choices[0]?.delta ?? {};\n"
         "  if (delta.reasoning_content) process.stdout.write(delta.reasoning_content);\n"
         "  if (delta.content) {\n"
