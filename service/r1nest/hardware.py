@@ -71,6 +71,7 @@ class AwsInstanceType:
     price_microusd_per_hour: int  # on-demand, Linux, us-east-1
     quota_family: Literal["G", "P"]  # "Running On-Demand G and VT instances" / "... P instances"
     price_note: str = ""
+    on_demand: bool = True  # False: mainly sold as Capacity Blocks; planned only when asked for
 
     @property
     def gpu_model(self) -> GpuModel:
@@ -112,7 +113,7 @@ AWS_INSTANCE_TYPES: dict[str, AwsInstanceType] = {
         # p5 / p5e / p5en: H100 80 GB / H200 141 GB (Hopper), 3200 Gbps EFA
         AwsInstanceType("p5.48xlarge", "H100", 8, 192, 2048, 32, 3200, _usd("55.04"), "P", _P_CUT),
         AwsInstanceType("p5e.48xlarge", "H200", 8, 192, 2048, 32, 3200, _usd("59.584"), "P",
-                        "sold mainly as EC2 Capacity Blocks; on-demand in few regions"),
+                        "estimate: sold mainly as EC2 Capacity Blocks", on_demand=False),
         AwsInstanceType("p5en.48xlarge", "H200", 8, 192, 2048, 16, 3200, _usd("63.296"), "P", _P_CUT),
         # p6-b200: B200 180 GB (Blackwell), 8 x 400 Gbps EFAv4
         AwsInstanceType("p6-b200.48xlarge", "B200", 8, 192, 2048, 8, 3200, _usd("113.9328"), "P",

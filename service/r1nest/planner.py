@@ -137,6 +137,7 @@ class _Option:
     price_microusd_per_hour: int  # all nodes
     instance_type: str | None = None
     modal_gpu: str | None = None
+    on_demand: bool = True
 
     @property
     def label(self) -> str:
@@ -157,7 +158,7 @@ def _options(
                 if n > 1 and t.efa_interfaces == 0:
                     continue
                 out.append(_Option(t.gpu_model, t.gpu_count, n, t.price_microusd_per_hour * n,
-                                   instance_type=t.name))
+                                   instance_type=t.name, on_demand=t.on_demand))
     elif cloud == "modal":
         if nodes and nodes > 1:
             raise PlanError("Modal runs one container per replica: r1nest plans one node there.",
@@ -333,8 +334,10 @@ def plan(
     good = [f for f in fits if not f.reason]
     enough = [f for f in good if f.max_concurrency >= concurrency]
     if enough:
-        # cheapest; at equal price fewer nodes and GPUs, then the latency layout (TP, MTP)
-        best = min(enough, key=lambda f: (f.option.price_microusd_per_hour, f.option.nodes,
+        # on-demand first, then cheapest; at equal price fewer nodes and GPUs, then the latency
+        # layout (TP + MTP)
+        best = min(enough, key=lambda f: (not f.option.on_demand, f.option.price_microusd_per_hour,
+                                          f.option.nodes,
                                           f.option.gpus_per_node, f.layout.mode != "latency",
                                           -f.max_concurrency))
         return _make_plan(spec, cloud, engine, best, ctx, concurrency)
