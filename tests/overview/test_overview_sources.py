@@ -121,6 +121,22 @@ def test_local_context_from_the_data_dir(tmp_path):
     assert ctx.public_endpoint == "https://r1.example.com/v1"
 
 
+def test_local_context_follows_serve_json(tmp_path):
+    state = {"pid": 1, "gateway_url": "http://127.0.0.1:8011", "engine_url": "http://127.0.0.1:8100",
+             "engine": "sglang", "served_model": "tiny-deepseek-v3", "model": ".r1nest/models/tiny-deepseek-v3"}
+    (tmp_path / sources.SERVE_STATE_FILE).write_text(json.dumps(state))
+    ctx = sources.from_local(Settings(data_dir=tmp_path))
+    assert ctx.public_endpoint == "http://127.0.0.1:8011/v1"
+    assert ctx.engine == "sglang" and ctx.model == "tiny-deepseek-v3"
+    assert ctx.model_repo == ".r1nest/models/tiny-deepseek-v3"
+    assert "8100" not in ctx.public_endpoint, "the engine's own port is never shown"
+    ctx = sources.from_local(Settings(data_dir=tmp_path, public_url="https://r1.example.com"))
+    assert ctx.public_endpoint == "https://r1.example.com/v1"
+    (tmp_path / sources.SERVE_STATE_FILE).write_text("{broken")
+    with pytest.raises(ConfigError, match="serve.json"):
+        sources.from_local(Settings(data_dir=tmp_path))
+
+
 async def test_gateway_context_reads_the_key_balance_from_the_store(tmp_path):
     from r1nest.accounts import create_api_key
 

@@ -30,6 +30,7 @@ from r1nest.overview.context import OverviewContext, Readiness
 # The deployment's ApiKey, as shown on its overview page (mode 0600, one line). `r1nest serve`
 # writes the demo key it creates here; the Modal deploy step writes the key it put in the secret.
 API_KEY_FILE = "api_key"
+SERVE_STATE_FILE = "serve.json"  # written by `r1nest serve`: gateway_url, engine, served_model, model
 MAX_KEY_FILE_BYTES = 1024
 MAX_OUTPUTS_BYTES = 1024 * 1024
 PULUMI_TIMEOUT_S = 120.0
@@ -280,19 +281,43 @@ def local_endpoints(settings: Any) -> tuple[str, str | None, str]:
     return public, internal, "" if internal else LOCAL_INTERNAL_NOTE
 
 
+def read_serve_state(data_dir: Path) -> dict[str, Any]:
+    """`r1nest serve`'s data_dir/serve.json (where things run; no secret), or {} when absent."""
+    path = data_dir / SERVE_STATE_FILE
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_OUTPUTS_BYTES)
+        data = json.loads(raw)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        raise ConfigError(f"{path} is not readable JSON; is r1nest serve's data dir intact?") from None
+    return data if isinstance(data, dict) else {}
+
+
 def from_local(settings: Any) -> OverviewContext:
-    """The context of `r1nest serve` on this machine, from its settings and data dir."""
-    public, internal, note = local_endpoints(settings)
+    """The context of `r1nest serve` on this machine, from its settings and data dir (serve.json
+    for where it runs and what it serves, the ApiKey file)."""
     data_dir = Path(settings.data_dir).expanduser()
+    state = read_serve_state(data_dir)
+
+    def state_text(name: str) -> str | None:
+        value = state.get(name)
+        return value if isinstance(value, str) and value else None
+
+    public, internal, note = local_endpoints(settings)
+    if settings.public_url is None and state_text("gateway_url"):
+        public = state_text("gateway_url")  # type: ignore[assignment]
     return OverviewContext(
-        model=settings.served_model or settings.model,
-        engine=settings.engine,
+        model=settings.served_model or state_text("served_model") or settings.model,
+        engine=state_text("engine") or settings.engine,
         public_endpoint=public,
         internal_endpoint=internal,
         internal_endpoint_note=note,
         api_key=read_key_file(data_dir / API_KEY_FILE),
         deployment="local",
         source=f"r1nest serve's data dir {data_dir}",
+        model_repo=(state_text("model") or "")[:200],
     )
 
 
