@@ -233,3 +233,14 @@ async def test_stop_during_startup_leaves_nothing_running(tmp_path: Path) -> Non
     await sup.stop()
     await asyncio.wait_for(task, 10)
     assert not _alive(pid)
+
+
+def test_cpu_wheel_runs_the_openai_server_module() -> None:
+    from r1nest.engines.launcher import cpu_wheel_compatible
+
+    argv = ["py", "-m", "vllm.entrypoints.cli.main", "serve", "/m", "--port", "1"]
+    assert cpu_wheel_compatible(argv, vllm_metadata_found=True) == argv
+    assert cpu_wheel_compatible(argv, vllm_metadata_found=False) == [
+        "py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--port", "1"]
+    other = ["py", "-m", "sglang.launch_server", "--model-path", "/m"]
+    assert cpu_wheel_compatible(other, vllm_metadata_found=False) == other

