@@ -75,13 +75,13 @@ def test_page_shows_endpoints_and_masked_key_reveal_and_copy(browser, server, ct
 
         # copy gives the full key even while it is masked
         page.click("button[data-copy=api-key]")
-        page.wait_for_function("document.querySelector('button[data-copy=api-key]').textContent === 'Copied'")
+        page.wait_for_selector("button[data-copy=api-key].copied", timeout=10_000)
         assert page.evaluate("navigator.clipboard.readText()") == ctx.api_key
         page.click("button[data-copy=public-endpoint]")
-        page.wait_for_function("document.querySelector('button[data-copy=public-endpoint]').textContent === 'Copied'")
+        page.wait_for_selector("button[data-copy=public-endpoint].copied", timeout=10_000)
         assert page.evaluate("navigator.clipboard.readText()") == ctx.public_endpoint
         page.click("button[data-copy=code-python]")
-        page.wait_for_function("document.querySelector('button[data-copy=code-python]').textContent === 'Copied'")
+        page.wait_for_selector("button[data-copy=code-python].copied", timeout=10_000)
         copied = page.evaluate("navigator.clipboard.readText()")
         assert ctx.api_key in copied and "•" not in copied and copied.startswith("from openai import OpenAI")
 
@@ -165,3 +165,32 @@ def test_standalone_file_works_offline(browser, ctx, tmp_path):
         assert not errors, errors
     finally:
         context.close()
+
+
+def test_warming_page_shows_the_eta_and_turns_ready_by_itself(browser, tmp_path):
+    """On the gateway: while the engine warms up the page says so with an ETA, polls /health
+    (allowed by the CSP's connect-src 'self') and reloads itself once the engine is ready."""
+    from r1nest.gateway.app import create_app
+    from r1nest.gateway.state import EngineState
+    from r1nest.gateway.upstream import UpstreamConfig
+    from r1nest.ledger.memory import MemoryStore
+    from r1nest.settings import Settings
+
+    state = EngineState()
+    state.set_warming(600)
+    settings = Settings(data_dir=tmp_path, admin_key=ADMIN_KEY, served_model="deepseek-r1")
+    app = create_app(settings=settings, store=MemoryStore(),
+                     upstream=UpstreamConfig("http://127.0.0.1:9", None, "deepseek-r1"), state=state)
+    with ServedApp(app) as served:
+        context, page, problems = open_logged_in(browser, served, viewport=LAPTOP)
+        try:
+            badge = page.inner_text("#readiness")
+            assert badge.startswith("warming up, ready in about") and "min" in badge, badge
+            assert "503" in page.inner_text("body")
+            screenshot(page, "gateway-warming")
+            state.set_ready()
+            page.wait_for_selector("#readiness[data-phase=ready]", timeout=20_000)  # no eval: the CSP forbids it
+            assert page.inner_text("#readiness") == "ready"
+            assert not [p for p in problems if "Content Security Policy" in p], problems
+        finally:
+            context.close()

@@ -234,7 +234,7 @@ def test_examples_from_the_served_page_in_chromium_run_against_the_deployment(de
             )
             # what Copy puts on the clipboard is what is shown
             page.click("button[data-copy=code-curl]")
-            page.wait_for_function("document.querySelector('button[data-copy=code-curl]').textContent === 'Copied'")
+            page.wait_for_selector("button[data-copy=code-curl].copied", timeout=10_000)
             assert page.evaluate("navigator.clipboard.readText()") == examples["curl"]
             screenshot(page, "gateway-served")
         finally:
