@@ -150,7 +150,9 @@ def test_bad_keys_and_missing_internal_note_are_refused():
 
 def test_readiness_labels():
     assert Readiness("ready").label == "ready"
-    assert Readiness("warming", 125).label == "warming up, ready in about 2 min 5 s"
+    assert Readiness("warming", 125).label == "warming up, ready in about 2 min"
+    assert Readiness("warming", 598).label == "warming up, ready in about 10 min"
+    assert Readiness("warming", 7300).label == "warming up, ready in about 2 h 2 min"
     assert Readiness("warming").label == "warming up"
     with pytest.raises(ConfigError):
         Readiness("sleeping")  # type: ignore[arg-type]

@@ -147,6 +147,17 @@ async def test_gateway_context_reads_the_key_balance_from_the_store(tmp_path):
     ctx = await sources.gateway_context(settings=settings, store=store, served_model="m", phase="warming", eta_s=30.0)
     assert ctx.api_key == key and ctx.remaining_credits == 4321
     assert ctx.readiness == Readiness("warming", 30.0)
+    assert ctx.public_endpoint == "http://127.0.0.1:8000/v1"
+    ctx = await sources.gateway_context(settings=settings, store=store, served_model="m", phase="ready",
+                                        eta_s=None, request_base_url="http://203.0.113.7:8000")
+    assert ctx.public_endpoint == "http://203.0.113.7:8000/v1"
+    ctx = await sources.gateway_context(settings=settings, store=store, served_model="m", phase="ready",
+                                        eta_s=None, request_base_url='http://evil"host')
+    assert ctx.public_endpoint == "http://127.0.0.1:8000/v1"
+    configured = Settings(data_dir=tmp_path, public_url="https://r1.example.com")
+    ctx = await sources.gateway_context(settings=configured, store=store, served_model="m", phase="ready",
+                                        eta_s=None, request_base_url="http://203.0.113.7:8000")
+    assert ctx.public_endpoint == "https://r1.example.com/v1", "a configured public URL wins"
 
 
 def test_probe_reads_health_and_credits():

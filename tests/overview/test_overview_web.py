@@ -224,3 +224,17 @@ def test_page_context_is_read_on_each_view(clock):
         login(c)
         assert ">1<" in c.get("/overview").text
         assert ">2<" in c.get("/overview").text
+
+
+def test_page_context_may_ask_for_the_address_the_page_was_opened_at(clock):
+    seen = []
+
+    async def page_context(request_base_url=None):
+        seen.append(request_base_url)
+        return make_context(public_endpoint=request_base_url)
+
+    app = Starlette(routes=overview_routes(verify_admin_key=verify_admin_key, page_context=page_context, clock=clock))
+    with TestClient(app, base_url="http://198.51.100.9:8000", follow_redirects=False) as c:
+        login(c)
+        assert "http://198.51.100.9:8000/v1/chat/completions" in c.get("/overview").text
+    assert seen == ["http://198.51.100.9:8000"]

@@ -74,9 +74,9 @@ def format_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     if seconds < 90:
         return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
+    minutes = int(round(seconds / 60))
     if minutes < 90:
-        return f"{minutes} min" + (f" {seconds} s" if seconds and minutes < 10 else "")
+        return f"{minutes} min"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes} min"
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from r1nest.errors import ConfigError
-from r1nest.overview.context import OverviewContext, Readiness
+from r1nest.overview.context import OverviewContext, Readiness, api_base_url
 
 # The deployment's ApiKey, as shown on its overview page (mode 0600, one line). `r1nest serve`
 # writes the demo key it creates here; the Modal deploy step writes the key it put in the secret.
@@ -322,10 +322,12 @@ def from_local(settings: Any) -> OverviewContext:
 
 
 async def gateway_context(
-    *, settings: Any, store: Any, served_model: str, phase: str, eta_s: float | None, api_key: str | None = None
+    *, settings: Any, store: Any, served_model: str, phase: str, eta_s: float | None, api_key: str | None = None,
+    request_base_url: str | None = None,
 ) -> OverviewContext:
     """What the gateway's /overview shows: its settings, the deployment's ApiKey (given, or the
-    data dir's key file) and that key's balance read from the store."""
+    data dir's key file) and that key's balance read from the store. Without a configured public
+    URL, the public endpoint is the address the page was opened at (`request_base_url`)."""
     from r1nest.keys import parse_key_id
 
     if api_key is None:
@@ -336,6 +338,11 @@ async def gateway_context(
         record = await store.get_key(key_id)
         credits = record.remaining_credits if record is not None else None
     public, internal, note = local_endpoints(settings)
+    if settings.public_url is None and request_base_url:
+        try:
+            public = api_base_url(request_base_url, what="the page's address")
+        except ConfigError:
+            pass  # an odd Host header: keep the loopback address
     return OverviewContext(
         model=served_model,
         engine=settings.engine,

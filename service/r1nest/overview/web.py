@@ -157,9 +157,12 @@ def overview_routes(
     health_url: str | None = "/health",
 ) -> list[BaseRoute]:
     """The overview routes. `verify_admin_key(candidate) -> bool` (sync or async) must compare in
-    constant time; `page_context()` returns the current OverviewContext for each page view."""
+    constant time; `page_context()` returns the current OverviewContext for each page view. A
+    page_context with a `request_base_url` parameter gets the URL the page was opened at (e.g.
+    http://203.0.113.7:8000), so a gateway without a configured public URL can show that one."""
     sessions = SessionStore(ttl_s=session_ttl_s, max_sessions=MAX_SESSIONS, clock=clock)
     limiter = LoginLimiter(clock=clock)
+    wants_base_url = "request_base_url" in inspect.signature(page_context).parameters
     assets = {name: (static_asset(name).encode("utf-8"), kind) for name, kind in STATIC_FILES.items()}
     login_url, logout_url, static_url = f"{prefix}/login", f"{prefix}/logout", f"{prefix}/static"
 
@@ -184,7 +187,10 @@ def overview_routes(
         found = current(request)
         if found is None:
             return redirect(login_url)
-        ctx = await page_context()
+        if wants_base_url:
+            ctx = await page_context(request_base_url=str(request.base_url).rstrip("/"))
+        else:
+            ctx = await page_context()
         html = render_overview(
             ctx, static_url=static_url, logout_url=logout_url, csrf_token=found[1].csrf_token, health_url=health_url
         )
