@@ -1,0 +1,165 @@
+"""The Modal app, built offline: it imports with only `modal`, and what it asks Modal for is the plan."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("modal")
+
+from r1nest.catalog import MODELS  # noqa: E402
+from r1nest.engines.base import engine_argv  # noqa: E402
+from r1nest.hardware import parse_gpu_string  # noqa: E402
+from r1nest.planner import plan  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[3]
+APP_FILE = REPO / "infra" / "modal" / "app.py"
+
+
+def load_app(monkeypatch: pytest.MonkeyPatch, model: str, engine: str = "vllm"):
+    monkeypatch.setenv("R1NEST_MODEL", model)
+    monkeypatch.setenv("R1NEST_ENGINE", engine)
+    name = f"r1nest_modal_app_{re.sub(r'[^a-z0-9]', '_', model)}_{engine}"
+    spec = importlib.util.spec_from_file_location(name, APP_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ONLY_MODAL = r"""
+import importlib.abc, sys
+REPO_SERVICE = sys.argv[2]
+BLOCKED = {"torch", "vllm", "sglang", "boto3", "botocore", "pydantic", "pydantic_settings", "starlette",
+           "uvicorn", "httpx", "jinja2", "openai", "huggingface_hub", "numpy", "transformers"}
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is not installed (blocked by the test)")
+        return None
+
+# r1nest is not installed either: drop the editable install's path entry and finders
+sys.path[:] = [p for p in sys.path if p.rstrip("/") != REPO_SERVICE]
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__name__.lower()]
+sys.meta_path.insert(0, Blocker())
+import importlib.util
+spec = importlib.util.spec_from_file_location("app", sys.argv[1])
+app = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(app)
+import r1nest
+loaded = sorted({m.split(".")[0] for m in sys.modules} & BLOCKED)
+print("RESULT " + __import__("json").dumps({"gpu": app.GPU, "r1nest": r1nest.__file__, "loaded": loaded}))
+"""
+
+
+def test_the_app_imports_with_only_modal_installed() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", ONLY_MODAL, str(APP_FILE), str(REPO / "service")],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert result["loaded"] == []
+    assert result["r1nest"].startswith(str(REPO / "service"))  # found beside the file
+    assert result["gpu"] == plan("deepseek-r1", "modal").modal_gpu == "H200:8"
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_function_matches_the_plan_for_every_catalog_model(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_app(monkeypatch, model)
+    expected = plan(model, "modal")
+    assert module.PLAN == expected
+    info = module.serve.info()
+    gpu_name, gpu_count = parse_gpu_string(expected.modal_gpu)
+    assert info.gpus == [(gpu_name, gpu_count)]
+    assert {path: v.name for path, v in info.volumes.items()} == {"/data": "r1nest-weights"}
+    assert sorted(info.secrets) == sorted(["modal.Secret.from_name('r1nest-keys')",
+                                           "modal.Secret.from_name('r1nest-aws')"])
+    assert info.concurrency_info.max_inputs == expected.max_concurrency
+    assert info.timeout == module.REQUEST_TIMEOUT_S >= 30 * 60  # the gateway's longest stream
+    from modal._utils.async_utils import synchronizer
+
+    # the @modal.web_server settings, as they will be sent to Modal (kept on the unwrapped Function)
+    web = synchronizer._translate_in(module.serve)._webhook_config
+    assert web.web_server_port == 8000
+    assert web.web_server_startup_timeout == module.STARTUP_TIMEOUT_S
+    # startup is sized from the weights: R1's 0.69 TB need far longer than a 1.5B distill
+    from r1nest.engines.launcher import estimate_startup_s
+
+    assert module.STARTUP_TIMEOUT_S >= estimate_startup_s(MODELS[model].weight_bytes, expected.hardware_class)
+    assert 2 <= module.SCALEDOWN_WINDOW_S <= 3600 and module.MIN_CONTAINERS == 0
+    download = module.download_weights.info()
+    assert download.gpus == [] and list(download.volumes) == ["/data"]
+
+
+def test_r1_and_a_distill_get_the_gpus_the_planner_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    r1 = load_app(monkeypatch, "deepseek-r1")
+    small = load_app(monkeypatch, "deepseek-r1-distill-qwen-1.5b")
+    assert r1.GPU == "H200:8"
+    assert r1.STARTUP_TIMEOUT_S > small.STARTUP_TIMEOUT_S
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_the_container_runs_doctor_then_the_engine_profile_then_the_gateway(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from r1nest.gateway.cli import gateway
+
+    module = load_app(monkeypatch, "deepseek-r1", engine)
+    doctor, engine_cmd, gateway_cmd = module.container_commands(module.PLAN)
+    assert doctor == ["r1nest", "doctor", "--model", "deepseek-r1", "--engine", engine, "--json"]
+    assert engine_cmd == engine_argv(module.PLAN.profile, host="127.0.0.1", port=8100, python="python3",
+                                     secrets_dir="/run/r1nest")
+    assert gateway_cmd[:2] == ["r1nest", "gateway"]
+    params = gateway.make_context("gateway", gateway_cmd[2:]).params
+    assert params["upstream_url"] == "http://127.0.0.1:8100"
+    assert params["served_model"] == module.PLAN.profile.served_model_name == "deepseek-r1"
+    assert params["port"] == 8000 and params["upstream_key"] is None  # the key travels in the env
+    assert not any("key" in arg.lower() and "=" in arg for arg in engine_cmd + gateway_cmd)
+
+
+def test_the_image_starts_from_the_same_pinned_bases_as_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_app(monkeypatch, "deepseek-r1")
+    for engine, reference in module.BASE_IMAGES.items():
+        dockerfile = (REPO / "images" / f"{engine}.Dockerfile").read_text()
+        froms = re.findall(r"^FROM\s+(\S+)", dockerfile, flags=re.M)
+        assert froms == [reference]
+
+
+SECRET_PATTERNS = {
+    "r1nest API key": re.compile(r"r1n-[0-9a-f]{12}-[A-Za-z0-9_-]{20,}"),
+    "r1nest admin key": re.compile(r"r1nadmin-[0-9a-f]{12}-[A-Za-z0-9_-]{20,}"),
+    "AWS access key id": re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "AWS secret key": re.compile(r"(?i)aws_secret_access_key\s*[=:]\s*['\"]?[A-Za-z0-9/+]{40}"),
+    "Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),
+    "OpenAI-style key": re.compile(r"\bsk-[A-Za-z0-9_-]{20,}\b"),
+    "Modal token": re.compile(r"\b(?:ak|as)-[A-Za-z0-9]{20,}\b"),
+    "assigned secret": re.compile(r"(?i)(?:ADMIN_KEY|API_KEY|SECRET|TOKEN|PASSWORD)\s*[=:]\s*['\"][^'\"\s]{8,}['\"]"),
+}
+
+
+def secret_literals(text: str) -> list[str]:
+    return [name for name, pattern in SECRET_PATTERNS.items() if pattern.search(text)]
+
+
+def test_no_secret_literal_in_the_app_file() -> None:
+    from r1nest.keys import ADMIN_PREFIX, new_key
+
+    text = APP_FILE.read_text()
+    assert secret_literals(text) == []
+    # the scan would catch one: plant each kind once
+    for planted in (new_key()[1], new_key(ADMIN_PREFIX)[1], "AKIAIOSFODNN7EXAMPLE", 'R1NEST_ADMIN_KEY = "s3cr3t-admin-key-value"',
+                    "hf_" + "a" * 34, "aws_secret_access_key=" + "A" * 40):
+        assert secret_literals(text + "\n" + planted), planted
+    # and nothing secret goes into the image's environment
+    env_blocks = re.findall(r"\.env\(\{(.*?)\}\)", text, flags=re.S)
+    assert env_blocks
+    for block in env_blocks:
+        assert not re.search(r'"[A-Z_]*(KEY|SECRET|TOKEN|PASSWORD)[A-Z_]*"\s*:', block), block
