@@ -206,3 +206,23 @@ def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path):
     result = CliRunner().invoke(overview, ["--stack-json", str(tmp_path / "missing.json"), "--no-probe"])
     assert result.exit_code != 0
     assert isinstance(result.exception, ConfigError) and "cannot read" in str(result.exception)
+
+
+def test_cli_open_opens_the_written_file(tmp_path, monkeypatch):
+    import r1nest.overview.cli as cli
+
+    opened = []
+    monkeypatch.setattr(cli.webbrowser, "open", lambda url: opened.append(url) or True)
+    out = tmp_path / "p.html"
+    result = CliRunner().invoke(overview, ["--stack-json", str(FIXTURE), "--out", str(out), "--no-probe", "--open",
+                                           "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert opened == [out.resolve().as_uri()]
+    assert "?" not in opened[0], "nothing secret in the URL"
+
+
+def test_cli_is_registered_in_the_r1nest_command():
+    from r1nest.cli import cli as root
+
+    result = CliRunner().invoke(root, ["overview", "--help"])
+    assert result.exit_code == 0 and "--stack-json" in result.output and "--modal-app" in result.output
