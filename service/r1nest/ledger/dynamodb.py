@@ -1,0 +1,489 @@
+"""The shared ledger: one DynamoDB table that several gateways (replicas, Modal containers) use.
+
+Every balance change is one TransactWriteItems: the key item's balance update carries the
+condition that makes the rule hold (`balance >= :credits` for a reservation, `state = pending`
+for a close, `attribute_not_exists` on the idempotency item for a top-up), together with the
+reservation and posting items. DynamoDB applies all of a transaction or none of it, and checks
+the conditions against the committed state, so concurrent gateways never overspend.
+
+Table (`table_spec()`; docs/ledger.md draws it):
+
+    pk               sk                      what
+    key#<id>         key                     name, key_hash (sha256 only), created_at,
+                                             expires_at?, revoked, balance
+    key#<id>         post#<at_us>#<ns>#<id>  one posting: kind, credits (signed), at, ...
+    key#<id>         topup#<idempotency>     a top-up already applied (never applied twice)
+    res#<id>         res                     a reservation: key_id, credits_reserved,
+                                             expires_at, state, pending_shard?, purge_at
+
+`pending_shard` exists only while a reservation is pending, so the sparse index
+`pending_by_deadline` (pending_shard, expires_at) lists exactly what `sweep_expired` must void.
+`purge_at` (the TTL attribute) lets DynamoDB delete reservation items RETENTION_S after they close (or after their
+deadline, for one nobody swept). TTL deletes late and never refunds anything, so the sweeper,
+not TTL, is what returns a crashed gateway's credits.
+
+boto3 is imported when a store is built: the gateway starts without it when it uses SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from r1nest.errors import InsufficientCredits, ReservationClosed, StoreError, UnknownKey
+from r1nest.ledger import rules
+from r1nest.ledger.base import KeyRecord, Posting, PostingKind, Reservation
+
+TTL_ATTRIBUTE = "purge_at"
+PENDING_INDEX = "pending_by_deadline"
+PENDING_SHARDS = 8  # spreads the sparse index's writes over partitions
+RETENTION_S = 30 * 86_400  # how long closed reservation items stay before TTL removes them
+MAX_CONFLICT_RETRIES = 12  # TransactionConflict: another transaction held the same item
+MAX_WORKERS = 32  # threads running blocking boto3 calls
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 10.0
+
+T = TypeVar("T")
+
+
+def table_spec() -> dict[str, Any]:
+    """`create_table` arguments (less TableName) for the ledger table; also read by the Pulumi
+    program and the Modal app so that every deployment builds the same table. Enable TTL on
+    TTL_ATTRIBUTE as well (`create_table` below does)."""
+    return {
+        "AttributeDefinitions": [
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+            {"AttributeName": "pending_shard", "AttributeType": "S"},
+            {"AttributeName": "expires_at", "AttributeType": "N"},
+        ],
+        "KeySchema": [
+            {"AttributeName": "pk", "KeyType": "HASH"},
+            {"AttributeName": "sk", "KeyType": "RANGE"},
+        ],
+        "GlobalSecondaryIndexes": [
+            {
+                "IndexName": PENDING_INDEX,
+                "KeySchema": [
+                    {"AttributeName": "pending_shard", "KeyType": "HASH"},
+                    {"AttributeName": "expires_at", "KeyType": "RANGE"},
+                ],
+                "Projection": {"ProjectionType": "KEYS_ONLY"},
+            }
+        ],
+        "BillingMode": "PAY_PER_REQUEST",
+    }
+
+
+_shared_loader: list[Any] = []  # botocore's model loader, parsed once per process
+_loader_lock = threading.Lock()
+
+
+def make_client(region: str | None = None, endpoint_url: str | None = None) -> Any:
+    """A DynamoDB client with bounded timeouts and retries; credentials come from boto3's
+    usual chain (environment, profile, instance or task role)."""
+    import boto3
+    import botocore.loaders
+    import botocore.session
+    from botocore.config import Config
+
+    with _loader_lock:
+        if not _shared_loader:
+            _shared_loader.append(botocore.loaders.create_loader())
+        core = botocore.session.get_session()
+        core.register_component("data_loader", _shared_loader[0])
+
+    config = Config(
+        retries={"max_attempts": 8, "mode": "standard"},
+        max_pool_connections=MAX_WORKERS,
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=READ_TIMEOUT_S,
+    )
+    return boto3.session.Session(botocore_session=core).client(
+        "dynamodb", region_name=region, endpoint_url=endpoint_url, config=config
+    )
+
+
+def create_table(table: str, region: str | None = None, *, endpoint_url: str | None = None) -> None:
+    """Create the ledger table (with TTL) and wait until it is active. For tests and local
+    setups; deployments create it from `table_spec()` in their infrastructure code."""
+    client = make_client(region, endpoint_url)
+    client.create_table(TableName=table, **table_spec())
+    client.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    client.update_time_to_live(
+        TableName=table, TimeToLiveSpecification={"AttributeName": TTL_ATTRIBUTE, "Enabled": True}
+    )
+
+
+class DynamoStore:
+    def __init__(self, table: str, region: str | None = None, *, endpoint_url: str | None = None) -> None:
+        try:
+            import botocore.exceptions
+        except ImportError:
+            raise StoreError("the DynamoDB ledger needs boto3: pip install 'r1nest[aws]'") from None
+        self.table = table
+        self._client = make_client(region, endpoint_url)
+        self._client_error = botocore.exceptions.ClientError
+        self._boto_errors: tuple[type[Exception], ...] = (
+            botocore.exceptions.BotoCoreError,
+            botocore.exceptions.ClientError,
+        )
+        self._pool = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="r1nest-dynamodb")
+
+    # Store interface ----------------------------------------------------------------------
+
+    async def create_key(
+        self, *, key_id: str, key_hash: str, name: str, credits: int, expires_at: float | None, now: float
+    ) -> KeyRecord:
+        rules.check_credits(credits, what="initial credits")
+        rules.check_name(name)
+        return await self._call(lambda: self._create_key(key_id, key_hash, name, credits, expires_at, now))
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        return await self._call(lambda: self._get_key(key_id))
+
+    async def list_keys(self) -> list[KeyRecord]:
+        return await self._call(self._list_keys)
+
+    async def revoke_key(self, key_id: str) -> KeyRecord:
+        return await self._call(lambda: self._revoke_key(key_id))
+
+    async def topup(self, key_id: str, credits: int, *, idempotency_key: str, now: float) -> int:
+        rules.check_credits(credits, what="top-up credits", minimum=1)
+        rules.check_idempotency_key(idempotency_key)
+        return await self._call(lambda: self._topup(key_id, credits, idempotency_key, now))
+
+    async def balance(self, key_id: str) -> int:
+        return await self._call(lambda: self._require_key(key_id).remaining_credits)
+
+    async def reserve(self, key_id: str, credits: int, *, ttl_s: float, now: float) -> Reservation:
+        rules.check_credits(credits, what="reserved credits")
+        rules.check_ttl(ttl_s)
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(self._pool, self._guard(lambda: self._reserve(key_id, credits, ttl_s, now)))
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            # The caller stopped waiting; if the reservation went through, give it back now
+            # rather than at the sweep after its deadline.
+            def void_if_made(done: asyncio.Future[Reservation]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self._pool.submit(self._guard(lambda: self._close(done.result().reservation_id, None, now)))
+
+            running.add_done_callback(void_if_made)
+            raise
+
+    async def settle(self, reservation_id: str, credits_charged: int, *, now: float) -> int:
+        rules.check_credits(credits_charged, what="charged credits")
+        return await self._call(lambda: self._close(reservation_id, credits_charged, now))
+
+    async def void(self, reservation_id: str, *, now: float) -> int:
+        return await self._call(lambda: self._close(reservation_id, None, now))
+
+    async def sweep_expired(self, *, now: float) -> int:
+        return await self._call(lambda: self._sweep_expired(now))
+
+    async def postings(self, key_id: str) -> list[Posting]:
+        return await self._call(lambda: self._postings(key_id))
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._pool.shutdown, wait=True)
+        self._client.close()
+
+    # blocking operations (run on the pool) ------------------------------------------------
+
+    async def _call(self, operation: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._guard(operation))
+
+    def _guard(self, operation: Callable[[], T]) -> Callable[[], T]:
+        def run() -> T:
+            try:
+                return operation()
+            except self._boto_errors as exc:
+                raise StoreError(f"DynamoDB ledger error: {_describe(exc)}") from None
+
+        return run
+
+    def _create_key(
+        self, key_id: str, key_hash: str, name: str, credits: int, expires_at: float | None, now: float
+    ) -> KeyRecord:
+        item: dict[str, Any] = {
+            "pk": _s(f"key#{key_id}"), "sk": _s("key"), "name": _s(name), "key_hash": _s(key_hash),
+            "created_at": _n(now), "revoked": {"BOOL": False}, "balance": _n(credits),
+        }
+        if expires_at is not None:
+            item["expires_at"] = _n(expires_at)
+        reasons = self._transact([
+            {"Put": {"TableName": self.table, "Item": item, "ConditionExpression": "attribute_not_exists(pk)"}},
+            self._posting_put(key_id, "grant", credits, now),
+        ])
+        if reasons is not None:
+            raise StoreError(f"key id {key_id} already exists")
+        return KeyRecord(key_id, name, key_hash, now, expires_at, False, credits)
+
+    def _get_key(self, key_id: str) -> KeyRecord | None:
+        item = self._client.get_item(
+            TableName=self.table, Key=_key_pk(key_id), ConsistentRead=True
+        ).get("Item")
+        return _key_record(item) if item else None
+
+    def _require_key(self, key_id: str) -> KeyRecord:
+        record = self._get_key(key_id)
+        if record is None:
+            raise UnknownKey(f"no key with id {key_id}")
+        return record
+
+    def _list_keys(self) -> list[KeyRecord]:
+        records = []
+        for page in self._client.get_paginator("scan").paginate(
+            TableName=self.table,
+            FilterExpression="sk = :key",
+            ExpressionAttributeValues={":key": _s("key")},
+            ConsistentRead=True,
+        ):
+            records.extend(_key_record(item) for item in page["Items"])
+        return sorted(records, key=lambda k: (k.created_at, k.key_id))
+
+    def _revoke_key(self, key_id: str) -> KeyRecord:
+        try:
+            item = self._client.update_item(
+                TableName=self.table, Key=_key_pk(key_id),
+                UpdateExpression="SET revoked = :true",
+                ConditionExpression="attribute_exists(pk)",
+                ExpressionAttributeValues={":true": {"BOOL": True}},
+                ReturnValues="ALL_NEW",
+            )["Attributes"]
+        except self._client_error as exc:
+            if _code(exc) == "ConditionalCheckFailedException":
+                raise UnknownKey(f"no key with id {key_id}") from None
+            raise
+        return _key_record(item)
+
+    def _topup(self, key_id: str, credits: int, idempotency_key: str, now: float) -> int:
+        reasons = self._transact([
+            {"Put": {
+                "TableName": self.table,
+                "Item": {"pk": _s(f"key#{key_id}"), "sk": _s(f"topup#{idempotency_key}"),
+                         "credits": _n(credits), "at": _n(now)},
+                "ConditionExpression": "attribute_not_exists(pk)",
+            }},
+            {"Update": {
+                "TableName": self.table, "Key": _key_pk(key_id),
+                "UpdateExpression": "SET balance = balance + :credits",
+                "ConditionExpression": "attribute_exists(pk) AND balance <= :most",
+                "ExpressionAttributeValues": {":credits": _n(credits), ":most": _n(rules.MAX_CREDITS - credits)},
+            }},
+            self._posting_put(key_id, "topup", credits, now, note=f"idempotency-key {idempotency_key}"),
+        ])
+        record = self._require_key(key_id)
+        if reasons is not None and reasons[0] != "ConditionalCheckFailed":
+            # the key does not exist (raised above) or the balance would leave its bounds
+            rules.check_balance_after(record.remaining_credits, credits)
+            raise StoreError(f"top-up refused: {reasons}")
+        return record.remaining_credits
+
+    def _reserve(self, key_id: str, credits: int, ttl_s: float, now: float) -> Reservation:
+        reservation_id = uuid.uuid4().hex
+        expires_at = now + ttl_s
+        reasons = self._transact([
+            {"Update": {
+                "TableName": self.table, "Key": _key_pk(key_id),
+                "UpdateExpression": "SET balance = balance - :credits",
+                "ConditionExpression": (
+                    "attribute_exists(pk) AND balance >= :credits AND revoked = :false"
+                    " AND (attribute_not_exists(expires_at) OR expires_at > :now)"
+                ),
+                "ExpressionAttributeValues": {
+                    ":credits": _n(credits), ":false": {"BOOL": False}, ":now": _n(now),
+                },
+            }},
+            {"Put": {
+                "TableName": self.table,
+                "Item": {
+                    "pk": _s(f"res#{reservation_id}"), "sk": _s("res"), "key_id": _s(key_id),
+                    "credits_reserved": _n(credits), "created_at": _n(now),
+                    "expires_at": _n(expires_at), "state": _s("pending"),
+                    "pending_shard": _s(_shard(reservation_id)),
+                    TTL_ATTRIBUTE: _n(int(expires_at) + RETENTION_S),
+                },
+                "ConditionExpression": "attribute_not_exists(pk)",
+            }},
+            self._posting_put(key_id, "reserve", -credits, now, reservation_id=reservation_id),
+        ])
+        record = self._require_key(key_id)
+        if reasons is not None:
+            if not record.usable(now):
+                raise UnknownKey(f"key {key_id} is revoked or expired")
+            raise InsufficientCredits(record.remaining_credits, credits)
+        # The balance read after the commit: other gateways' changes may already be in it.
+        return Reservation(reservation_id, key_id, credits, expires_at, record.remaining_credits)
+
+    def _close(self, reservation_id: str, credits_charged: int | None, now: float) -> int:
+        item = self._client.get_item(
+            TableName=self.table, Key={"pk": _s(f"res#{reservation_id}"), "sk": _s("res")},
+            ConsistentRead=True,
+        ).get("Item")
+        if item is None:
+            raise StoreError(f"no reservation with id {reservation_id}")
+        state = item["state"]["S"]
+        if state != "pending":
+            raise ReservationClosed(f"reservation {reservation_id} is already {state}")
+        key_id = item["key_id"]["S"]
+        credits_reserved = int(item["credits_reserved"]["N"])
+        if credits_charged is None:
+            new_state, refund, note, kind = "voided", credits_reserved, "", "void"
+        else:
+            rules.check_charge(credits_charged, credits_reserved)
+            new_state, refund, note, kind = (
+                "settled", credits_reserved - credits_charged, f"charged {credits_charged}", "settle",
+            )
+        values: dict[str, Any] = {
+            ":pending": _s("pending"), ":state": _s(new_state), ":now": _n(now),
+            ":ttl": _n(int(now) + RETENTION_S),
+        }
+        update = f"SET #state = :state, closed_at = :now, {TTL_ATTRIBUTE} = :ttl"
+        if credits_charged is not None:
+            update += ", credits_charged = :charged"
+            values[":charged"] = _n(credits_charged)
+        reasons = self._transact([
+            {"Update": {
+                "TableName": self.table, "Key": {"pk": _s(f"res#{reservation_id}"), "sk": _s("res")},
+                "UpdateExpression": update + " REMOVE pending_shard",
+                "ConditionExpression": "#state = :pending",
+                "ExpressionAttributeNames": {"#state": "state"},
+                "ExpressionAttributeValues": values,
+            }},
+            {"Update": {
+                "TableName": self.table, "Key": _key_pk(key_id),
+                "UpdateExpression": "SET balance = balance + :refund",
+                "ConditionExpression": "attribute_exists(pk)",
+                "ExpressionAttributeValues": {":refund": _n(refund)},
+            }},
+            self._posting_put(key_id, kind, refund, now, reservation_id=reservation_id, note=note),
+        ])
+        if reasons is not None:
+            raise ReservationClosed(f"reservation {reservation_id} was closed by someone else")
+        return self._require_key(key_id).remaining_credits
+
+    def _sweep_expired(self, now: float) -> int:
+        voided = 0
+        paginator = self._client.get_paginator("query")
+        for shard in range(PENDING_SHARDS):
+            for page in paginator.paginate(
+                TableName=self.table, IndexName=PENDING_INDEX,
+                KeyConditionExpression="pending_shard = :shard AND expires_at <= :now",
+                ExpressionAttributeValues={":shard": _s(str(shard)), ":now": _n(now)},
+            ):
+                for item in page["Items"]:
+                    try:
+                        self._close(item["pk"]["S"].removeprefix("res#"), None, now)
+                    except ReservationClosed:
+                        continue  # closed since the index was read (it lags the table)
+                    voided += 1
+        return voided
+
+    def _postings(self, key_id: str) -> list[Posting]:
+        self._require_key(key_id)
+        postings = []
+        for page in self._client.get_paginator("query").paginate(
+            TableName=self.table,
+            KeyConditionExpression="pk = :pk AND begins_with(sk, :post)",
+            ExpressionAttributeValues={":pk": _s(f"key#{key_id}"), ":post": _s("post#")},
+            ConsistentRead=True,
+        ):
+            for item in page["Items"]:
+                postings.append(Posting(
+                    key_id=key_id,
+                    kind=item["kind"]["S"],
+                    credits=int(item["credits"]["N"]),
+                    at=float(item["at"]["N"]),
+                    reservation_id=item["reservation_id"]["S"] if "reservation_id" in item else None,
+                    note=item["note"]["S"],
+                ))
+        return postings
+
+    # helpers ------------------------------------------------------------------------------
+
+    def _posting_put(
+        self, key_id: str, kind: PostingKind, credits: int, now: float, *,
+        reservation_id: str | None = None, note: str = "",
+    ) -> dict[str, Any]:
+        # Sort key: the posting's time (microseconds), then the wall clock when it was written
+        # (orders postings with equal times as they happened), then a unique suffix.
+        at_us, written_ns = round(now * 1_000_000), time.time_ns()
+        item: dict[str, Any] = {
+            "pk": _s(f"key#{key_id}"),
+            "sk": _s(f"post#{at_us:020d}#{written_ns:020d}#{uuid.uuid4().hex[:8]}"),
+            "kind": _s(kind), "credits": _n(credits), "at": _n(now), "note": _s(note),
+        }
+        if reservation_id is not None:
+            item["reservation_id"] = _s(reservation_id)
+        return {"Put": {"TableName": self.table, "Item": item}}
+
+    def _transact(self, items: list[dict[str, Any]]) -> list[str] | None:
+        """Run one transaction. None when it committed; the per-item cancellation codes when a
+        condition failed. Conflicts with concurrent transactions are retried with backoff."""
+        token = str(uuid.uuid4())  # the same on botocore's retries: a lost answer never applies twice
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            try:
+                self._client.transact_write_items(TransactItems=items, ClientRequestToken=token)
+                return None
+            except self._client_error as exc:
+                if _code(exc) != "TransactionCanceledException":
+                    raise
+                reasons = [r.get("Code", "None") for r in exc.response.get("CancellationReasons", [])]
+                if "ConditionalCheckFailed" in reasons:
+                    return reasons
+                if "TransactionConflict" not in reasons:
+                    raise
+            time.sleep(min(0.5, 0.005 * 2**attempt) * random.random())
+            token = str(uuid.uuid4())  # cancelled, nothing applied: a new attempt
+        raise StoreError("the DynamoDB ledger is too contended; try again")
+
+
+def _s(value: str) -> dict[str, str]:
+    return {"S": value}
+
+
+def _n(value: float) -> dict[str, str]:
+    # Times keep microseconds, in fixed notation (str() of a float may use an exponent).
+    return {"N": str(value) if isinstance(value, int) else f"{value:.6f}"}
+
+
+def _key_pk(key_id: str) -> dict[str, Any]:
+    return {"pk": _s(f"key#{key_id}"), "sk": _s("key")}
+
+
+def _shard(reservation_id: str) -> str:
+    return str(zlib.crc32(reservation_id.encode("ascii")) % PENDING_SHARDS)
+
+
+def _key_record(item: dict[str, Any]) -> KeyRecord:
+    return KeyRecord(
+        key_id=item["pk"]["S"].removeprefix("key#"),
+        name=item["name"]["S"],
+        key_hash=item["key_hash"]["S"],
+        created_at=float(item["created_at"]["N"]),
+        expires_at=float(item["expires_at"]["N"]) if "expires_at" in item else None,
+        revoked=item["revoked"]["BOOL"],
+        remaining_credits=int(item["balance"]["N"]),
+    )
+
+
+def _code(exc: Any) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _describe(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        error = response.get("Error", {})
+        return f"{error.get('Code', 'error')}: {error.get('Message', '')}".strip()
+    return str(exc)

@@ -1,0 +1,81 @@
+"""Ledger fixtures: every backend behind one `store` fixture, and AWS made local and fake."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from r1nest.ledger.base import Store
+from r1nest.testing.dynamodb import FAKE_AWS_ENV, REGION, moto_dynamodb_server, serialized_mock_aws
+
+BACKENDS = ["memory", "sqlite", "dynamodb-moto", "dynamodb-server"]
+
+
+@pytest.fixture
+def fake_aws(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """boto3 sees only fake credentials, never a developer's real profile."""
+    for name, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture(scope="module")
+def moto_in_process() -> Iterator[None]:
+    """moto in this process, for one test module (each test uses its own table)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in FAKE_AWS_ENV.items():
+            patch.setenv(name, value)
+        with serialized_mock_aws():
+            yield
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's DynamoDB server on loopback, shared by the session (each test uses its own table)."""
+    with moto_dynamodb_server() as endpoint:
+        yield endpoint
+
+
+def new_table_name() -> str:
+    return f"r1nest-ledger-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Store]:
+    backend = request.param
+    if backend == "memory":
+        from r1nest.ledger.memory import MemoryStore
+
+        memory = MemoryStore()
+        yield memory
+        await memory.close()
+    elif backend == "sqlite":
+        from r1nest.ledger.sqlite import SqliteStore
+
+        sqlite = SqliteStore(tmp_path / "ledger.sqlite3")
+        yield sqlite
+        await sqlite.close()
+    elif backend == "dynamodb-moto":
+        request.getfixturevalue("fake_aws")
+        request.getfixturevalue("moto_in_process")
+        from r1nest.ledger.dynamodb import DynamoStore, create_table
+
+        table = new_table_name()
+        create_table(table, REGION)
+        dynamo = DynamoStore(table, REGION)
+        yield dynamo
+        await dynamo.close()
+    else:
+        request.getfixturevalue("fake_aws")
+        endpoint = request.getfixturevalue("moto_endpoint")
+        from r1nest.ledger.dynamodb import DynamoStore, create_table
+
+        table = new_table_name()
+        create_table(table, REGION, endpoint_url=endpoint)
+        dynamo = DynamoStore(table, REGION, endpoint_url=endpoint)
+        yield dynamo
+        await dynamo.close()
