@@ -28,8 +28,12 @@ from r1nest.keys import ADMIN_PREFIX, KEY_PREFIX
 USER_DATA_LIMIT_BYTES = 16 * 1024  # EC2 refuses larger user data (before base64)
 ENGINE_KEY_SENTINEL = "@@R1NEST_ENGINE_KEY@@"  # stands for the key drawn on the box at boot
 
-CONTAINER_MODELS_DIR = "/models"
-CONTAINER_DATA_DIR = "/data"
+# The service image (images/*.Dockerfile) runs as uid 10001 with one volume at /data: the
+# Hugging Face cache in /data/hf (HF_HOME) and r1nest's ledger in /data/r1nest. Engine and
+# gateway share the named volume r1nest-data, which Docker seeds from the image (owner included).
+DATA_VOLUME = "r1nest-data:/data"
+CONTAINER_DATA_DIR = "/data/r1nest"
+IMAGE_UID = 10001
 ENGINE_UNIT = "r1nest-engine.service"
 GATEWAY_UNIT = "r1nest-gateway.service"
 SECRETS_DIR = "/etc/r1nest/secrets"
@@ -89,7 +93,7 @@ class NodeBoot:
     # files the engine reads its key from (SGLang), ENGINE_KEY_SENTINEL where the key goes;
     # written at boot into ENGINE_FILES_DIR, owned by the image's user, mounted read-only
     engine_secret_files: tuple[tuple[str, str], ...] = ()
-    container_uid: int = 1000
+    container_uid: int = IMAGE_UID
     extra_gateway_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     @property
@@ -111,10 +115,11 @@ def systemd_command(argv: list[str] | tuple[str, ...]) -> str:
 
 def _docker_run(boot: NodeBoot, *, name: str, env_files: list[str], entrypoint: str,
                 args: list[str] | tuple[str, ...], gpus: bool, volumes: list[str],
-                interactive: bool = False, remove: bool = True) -> list[str]:
+                interactive: bool = False, healthcheck: bool = False) -> list[str]:
     argv = ["/usr/bin/docker", "run", "--name", name] if name else ["/usr/bin/docker", "run"]
-    if remove:
-        argv.append("--rm")
+    argv.append("--rm")
+    if not healthcheck:  # the image's HEALTHCHECK probes the gateway port
+        argv.append("--no-healthcheck")
     if interactive:
         argv.append("-i")
     argv += ["--network", "host"]
@@ -212,7 +217,7 @@ def _register_key_script(boot: NodeBoot) -> str:
     argv = _docker_run(
         boot, name="", interactive=True, gpus=False,
         env_files=["/etc/r1nest/gateway.env", f"{SECRETS_DIR}/gateway.env"],
-        volumes=[f"r1nest-data:{CONTAINER_DATA_DIR}"], entrypoint="python",
+        volumes=[DATA_VOLUME], entrypoint="python3",
         args=["-m", "r1nest.cloud.bootstrap", "--name", "default", "--credits", str(boot.initial_credits)],
     )
     return (
@@ -229,11 +234,11 @@ def _units(boot: NodeBoot) -> list[tuple[str, dict[str, object]]]:
         "/usr/local/sbin/r1nest-secrets",
         systemd_command(["/usr/bin/docker", "pull", boot.image]),
         systemd_command(_docker_run(
-            boot, name="", gpus=True, env_files=[], volumes=[f"r1nest-models:{CONTAINER_MODELS_DIR}"],
+            boot, name="", gpus=True, env_files=[], volumes=[DATA_VOLUME],
             entrypoint=boot.doctor_argv[0], args=boot.doctor_argv[1:],
         )),
     ]
-    engine_volumes = [f"r1nest-models:{CONTAINER_MODELS_DIR}"]
+    engine_volumes = [DATA_VOLUME]
     if boot.engine_secret_files:
         engine_volumes.append(f"{ENGINE_FILES_DIR}:{CONTAINER_SECRETS_DIR}:ro")
     engine_start = _docker_run(
@@ -252,7 +257,7 @@ def _units(boot: NodeBoot) -> list[tuple[str, dict[str, object]]]:
         gateway_start = _docker_run(
             boot, name="r1nest-gateway", gpus=False,
             env_files=["/etc/r1nest/gateway.env", f"{SECRETS_DIR}/gateway.env"],
-            volumes=[f"r1nest-data:{CONTAINER_DATA_DIR}"], entrypoint="r1nest", args=["gateway"],
+            volumes=[DATA_VOLUME], entrypoint="r1nest", args=["gateway"], healthcheck=True,
         )
         units.append((GATEWAY_UNIT, {
             "description": f"r1nest gateway on port {boot.gateway_port} ({boot.served_model})",
