@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ast
+import json
 import re
 import shlex
 
 import pytest
 
 from r1nest.errors import ConfigError
-from r1nest.overview.context import OverviewContext, Readiness, api_base_url, mask_key
+from r1nest.overview.context import Readiness, api_base_url, mask_key
 from r1nest.overview.examples import build_examples
 from r1nest.overview.render import render_overview
 
@@ -75,8 +76,6 @@ def test_curl_example_is_one_shell_command_with_bearer_and_json_body(context):
     words = shlex.split(curl.replace("\\\n", " "))
     assert words[:3] == ["curl", "-sS", "http://203.0.113.7:8000/v1/chat/completions"]
     assert f"Authorization: Bearer {context.api_key}" in words
-    import json
-
     body = json.loads(words[words.index("-d") + 1])
     assert body["model"] == "deepseek-r1" and body["temperature"] == 0.6 and body["top_p"] == 0.95
     assert "stream" not in body

@@ -59,7 +59,7 @@ LOGIN_FAILURES_TOTAL = 50  # per window, all clients together
 MAX_TRACKED_CLIENTS = 1024
 
 VerifyAdminKey = Callable[[str], "bool | Awaitable[bool]"]
-PageContext = Callable[[], Awaitable[OverviewContext]]
+PageContext = Callable[..., Awaitable[OverviewContext]]  # () or (request_base_url=...)
 
 
 @dataclass(slots=True)
