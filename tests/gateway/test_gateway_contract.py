@@ -252,3 +252,19 @@ def test_overview_is_behind_login(harness: Harness) -> None:
     assert response.status_code in (303, 404)
     if response.status_code == 303:
         assert response.headers["location"].endswith("/overview/login")
+
+
+def test_overview_page_after_admin_login(harness: Harness) -> None:
+    pytest.importorskip("r1nest.overview.web")
+    login = harness.client.post(
+        "/overview/login", data={"admin_key": "wrong"}, headers={"Origin": harness.url}, follow_redirects=False
+    )
+    assert login.status_code in (401, 403, 200) and "set-cookie" not in login.headers
+    from .conftest import ADMIN_KEY
+
+    login = harness.client.post(
+        "/overview/login", data={"admin_key": ADMIN_KEY}, headers={"Origin": harness.url}, follow_redirects=False
+    )
+    assert login.status_code == 303
+    page = harness.client.get("/overview")
+    assert page.status_code == 200 and MODEL in page.text and harness.url in page.text

@@ -198,3 +198,27 @@ def test_routes_are_an_exact_allowlist() -> None:
     assert routing.match("GET", b"/admin/keys/0123456789ab/topup").status == 405  # type: ignore[union-attr]
     for path in [b"/tokenize", b"/v1/chat/completions/", b"/V1/models", b"/admin/keys/../../pause", b"/overview/static/../x"]:
         assert routing.match("GET", path) == NoMatch(404), path
+
+
+FAST_PATH_CASES = [
+    VLLM_REASONING_CHUNK,
+    b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":3,"total_tokens":3,"completion_tokens":0}}',
+    b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"say \\"reasoning\\": {\\"usage\\":1} \\u00e9 \xc3\xa9"},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":3,"total_tokens":5,"completion_tokens":2,"completion_tokens_details":{"reasoning_tokens":1}}}',
+    b'{"id":"c","choices":[{"index":0,"delta":{"reasoning":"a","content":"b"},"finish_reason":null},{"index":1,"delta":{"reasoning":"c"},"finish_reason":null}],"usage":null}',
+    b'{"id":"c","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\\"x\\": 1}"}}]},"finish_reason":null}]}',
+    b'{"id":"c","choices":[{"index":0,"delta":{"content":""},"finish_reason":"stop","stop_reason":null}],"usage":{"prompt_tokens":3,"total_tokens":9,"completion_tokens":6},"system_fingerprint":"fp"}',
+    b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":3,"total_tokens":9,"completion_tokens":6}}',
+    b'{"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"hello","logprobs":null,"finish_reason":null,"stop_reason":null}],"usage":{"prompt_tokens":1,"total_tokens":2,"completion_tokens":1}}',
+    b'{"id":"c","choices":[{"index":0,"delta":{"reasoning_content":null,"reasoning":"x"}}]}',
+]
+
+
+@pytest.mark.parametrize("payload", FAST_PATH_CASES)
+@pytest.mark.parametrize("keep_usage", [False, True])
+def test_fast_path_agrees_with_the_json_path(payload: bytes, keep_usage: bool) -> None:
+    fast = sse.rewrite_chunk(payload, keep_usage=keep_usage)
+    slow = sse.rewrite_chunk_json(payload, keep_usage=keep_usage)
+    assert json.loads(fast.payload) == json.loads(slow.payload)
+    assert (fast.usage, fast.tokens, fast.is_usage_chunk, fast.is_error) == (
+        slow.usage, slow.tokens, slow.is_usage_chunk, slow.is_error
+    )

@@ -278,23 +278,12 @@ class Gateway:
 
         await self.overview(exchange.scope, exchange.receive, send)
 
-    async def page_context(self):  # -> OverviewContext
-        from r1nest.overview.context import OverviewContext, Readiness
+    async def page_context(self, request_base_url: str | None = None):  # -> OverviewContext
+        from r1nest.overview.sources import gateway_context
 
-        settings = self.settings
-        public = settings.public_url or f"http://localhost:{settings.port}"
-        eta = self.state.eta_remaining_s()
-        return OverviewContext(
-            model=self.upstream_config.served_model,
-            engine=settings.engine,
-            public_endpoint=public,
-            internal_endpoint=settings.internal_url,
-            internal_endpoint_note="" if settings.internal_url else "This deployment has no separate internal address.",
-            api_key=None,
-            remaining_credits=None,
-            readiness=Readiness(phase=self.state.phase, eta_s=eta),
-            deployment="gateway",
-            source="the running gateway",
+        return await gateway_context(
+            settings=self.settings, store=self.store, served_model=self.upstream_config.served_model,
+            phase=self.state.phase, eta_s=self.state.eta_remaining_s(), request_base_url=request_base_url,
         )
 
 

@@ -9,6 +9,7 @@ carried, and drops usage the client did not ask for.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,13 +114,13 @@ def _is_count(value: object) -> bool:
 
 
 def _choice_tokens(choice: dict[str, Any]) -> int:
-    """1 if this streamed choice carried generated text (one delta is one token in vLLM/SGLang)."""
+    """Tokens a streamed choice carried, for when the engine reports no usage: one per non-empty
+    text field (vLLM and SGLang stream one token per delta; a delta that holds both the end of
+    the reasoning and the start of the answer came from at least two tokens)."""
     delta = choice.get("delta")
     if isinstance(delta, dict):
-        for field in ("content", "reasoning", "reasoning_content"):
-            if delta.get(field):
-                return 1
-        return 1 if delta.get("tool_calls") else 0
+        reasoning = delta.get("reasoning") or delta.get("reasoning_content")
+        return bool(delta.get("content")) + bool(reasoning) + bool(delta.get("tool_calls"))
     return 1 if choice.get("text") else 0
 
 
@@ -132,7 +133,84 @@ class ChunkInfo:
     is_error: bool
 
 
+# Byte-level fast path. In JSON text an unescaped `"` can only open or close a string, so
+# `"reasoning":` (quote, name, quote, colon) can only be an object key: inside a string value
+# the quotes would be escaped (`\"reasoning\":`). The fast path renames that key, reads the
+# token counts of the usage object (numbers only, no strings, so braces can be matched by
+# counting) and cuts it out, without decoding and re-encoding the whole chunk. Anything it does
+# not recognise goes the full JSON way; tests hold both paths to the same result.
+_REASONING_KEY = b'"reasoning":'
+_REASONING_CONTENT_KEY = b'"reasoning_content":'
+_USAGE_KEY = b',"usage":'
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens":(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":(\d+)')
+_GENERATED = re.compile(rb'"(?:content|reasoning|reasoning_content|text)":"(?!")|"tool_calls":\[\{')
+
+
+def _usage_span(payload: bytes) -> tuple[int, int] | None:
+    """(start, end) of `,"usage":{...}` or `,"usage":null` at the chunk's top level, or None."""
+    start = payload.rfind(_USAGE_KEY)
+    if start < 0:
+        return None
+    value = start + len(_USAGE_KEY)
+    if payload.startswith(b"null", value):
+        return start, value + 4
+    if payload[value : value + 1] != b"{":
+        return None
+    depth, index = 0, value
+    while True:
+        open_at, close_at = payload.find(b"{", index), payload.find(b"}", index)
+        if close_at < 0:
+            return None
+        if 0 <= open_at < close_at:
+            depth, index = depth + 1, open_at + 1
+        else:
+            depth, index = depth - 1, close_at + 1
+            if depth == 0:
+                return start, index
+
+
+def rename_reasoning_bytes(payload: bytes) -> bytes | None:
+    """`reasoning` -> `reasoning_content` keys in JSON text; None when both names are present."""
+    if _REASONING_KEY not in payload:
+        return payload
+    if _REASONING_CONTENT_KEY in payload:
+        return None
+    return payload.replace(_REASONING_KEY, _REASONING_CONTENT_KEY)
+
+
+def _rewrite_fast(payload: bytes, keep_usage: bool) -> ChunkInfo | None:
+    if not payload.startswith(b'{"') or not payload.endswith(b"}") or b'"choices":[' not in payload:
+        return None  # error events and anything unusual take the JSON path
+    usage: Usage | None = None
+    span: tuple[int, int] | None = None
+    if b'"usage"' in payload:
+        span = _usage_span(payload)
+        if span is None:
+            return None
+        prompt = _PROMPT_TOKENS.search(payload, span[0], span[1])
+        completion = _COMPLETION_TOKENS.search(payload, span[0], span[1])
+        if prompt is not None and completion is not None:
+            usage = Usage(int(prompt.group(1)), int(completion.group(1)))
+    if b'"choices":[]' in payload:
+        return ChunkInfo(payload, usage, 0, span is not None, False)
+    out = payload if span is None or keep_usage else payload[: span[0]] + payload[span[1] :]
+    if _REASONING_KEY in out:
+        if _REASONING_CONTENT_KEY in out:
+            return None
+        out = out.replace(_REASONING_KEY, _REASONING_CONTENT_KEY)
+    return ChunkInfo(out, usage, len(_GENERATED.findall(out)), False, False)
+
+
 def rewrite_chunk(payload: bytes, *, keep_usage: bool) -> ChunkInfo:
+    """Rewrite one engine chunk for the client (fast path, or full JSON when unsure)."""
+    fast = _rewrite_fast(payload, keep_usage)
+    if fast is not None:
+        return fast
+    return rewrite_chunk_json(payload, keep_usage=keep_usage)
+
+
+def rewrite_chunk_json(payload: bytes, *, keep_usage: bool) -> ChunkInfo:
     """Rewrite one engine chunk for the client.
 
     keep_usage: forward per-chunk usage (the client asked for continuous usage stats).
