@@ -80,8 +80,8 @@ WORKDIR /home/r1nest
 VOLUME ["/data"]
 EXPOSE 8000
 
-# The gateway answers /health without a key: "ready", or "warming" while the weights load.
-# start-period covers the load of the largest model on one node; the check only proves liveness.
+# The gateway answers /health without a key: 200 when the engine is ready, 503 while it warms.
+# start-period covers loading the largest model on one node, so warming is not counted a failure.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=1800s --retries=3 \
     CMD ["curl", "-fsS", "--max-time", "4", "http://127.0.0.1:8000/health"]
 
