@@ -163,3 +163,22 @@ def test_no_secret_literal_in_the_app_file() -> None:
     assert env_blocks
     for block in env_blocks:
         assert not re.search(r'"[A-Z_]*(KEY|SECRET|TOKEN|PASSWORD)[A-Z_]*"\s*:', block), block
+
+
+def test_the_container_side_import_plans_the_same(tmp_path: Path) -> None:
+    """In the container the file sits alone at /root/app.py and r1nest is installed in the image."""
+    shallow = Path("/tmp") / f"r1nest_modal_app_{tmp_path.name}.py"
+    shallow.write_text(APP_FILE.read_text())
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "import importlib.util, sys; s = importlib.util.spec_from_file_location('app', "
+             "sys.argv[1]); m = importlib.util.module_from_spec(s); s.loader.exec_module(m); print(m.GPU, m.MAX_INPUTS)",
+             str(shallow)],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "R1NEST_MODEL": "deepseek-r1-distill-qwen-7b"},
+        )
+    finally:
+        shallow.unlink()
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = plan("deepseek-r1-distill-qwen-7b", "modal")
+    assert done.stdout.split() == [expected.modal_gpu, str(expected.max_concurrency)]
