@@ -399,8 +399,15 @@ def diagnose(
 
 
 def _plan_summary(plan: dict[str, Any]) -> str:
-    keys = ("instance_type", "modal_gpu", "nodes", "tp", "pp", "dp", "ep", "context", "max_concurrency")
-    return ", ".join(f"{k}={plan[k]}" for k in keys if plan.get(k) not in (None, "", 0))
+    parts = []
+    if plan.get("gpu"):
+        parts.append(f"{plan.get('nodes', 1)} node(s) x {plan.get('gpus_per_node')} {plan['gpu']}")
+    parallel = plan.get("parallelism") or {k: plan[k] for k in ("tp", "pp", "dp", "ep") if k in plan}
+    parts += [f"{k.upper()}{v}" for k, v in parallel.items() if isinstance(v, int) and v > 1]
+    for key in ("kv_cache_dtype", "context", "max_concurrency"):
+        if plan.get(key) not in (None, ""):
+            parts.append(f"{key}={plan[key]}")
+    return ", ".join(parts)
 
 
 # --- the planner adapter -------------------------------------------------------------------------
