@@ -26,8 +26,9 @@ from r1nest.hardware import GIB, GPUS, GpuModel, HardwareClass
 SCHEMA_VERSION = 1
 Status = Literal["ok", "warn", "fail", "skip"]
 
-# A model whose weights fit in this much memory runs on the CPU build of vLLM (the tiny models).
-CPU_MAX_WEIGHT_BYTES = 2 * GIB
+# A local model whose weights fit in this much memory runs on the CPU build of vLLM (the tiny
+# models); the planner's CPU profile has the same bound.
+CPU_MAX_WEIGHT_BYTES = 8 * GIB
 # Part of GPU memory the weights may take: the rest is KV cache, activations, CUDA graphs.
 WEIGHTS_MAX_GPU_FRACTION = 0.90
 DISK_HEADROOM = 1.05  # 5 % over the weights for the Hub's temporary files

@@ -154,3 +154,14 @@ def test_entrypoint_is_serve_and_starts_the_planned_engine_for_the_default_model
     module = argv[2]
     assert module.split(".")[0] == {"vllm": "vllm", "sglang": "sglang"}[engine]
     assert f'"{module.split(".")[0]}"' in IMAGES[engine].read_text(), "the build checks the engine is there"
+
+
+@pytest.mark.parametrize("engine", IMAGES)
+def test_the_build_context_sends_only_what_the_image_copies(engine: str) -> None:
+    ignore = IMAGES[engine].with_name(IMAGES[engine].name + ".dockerignore").read_text().splitlines()
+    rules = [line.strip() for line in ignore if line.strip() and not line.startswith("#")]
+    assert rules[0] == "*"  # nothing by default (.venv, .git, .gpu stay out)
+    copied = {args.split()[0].rstrip("/") for kw, args in instructions(IMAGES[engine]) if kw == "COPY"}
+    copied |= {a.rstrip("/") for kw, args in instructions(IMAGES[engine]) if kw == "COPY" for a in args.split()[:-1]}
+    allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    assert copied == allowed
