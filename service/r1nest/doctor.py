@@ -20,7 +20,15 @@ import click
 
 from r1nest.catalog import ModelSpec, resolve_model
 from r1nest.errors import PlanError
-from r1nest.gpu_probe import BoxFacts, GpuFacts, Probes
+from r1nest.gpu_probe import (
+    FP8_CHECK_MAX_REL_ERROR,
+    BoxFacts,
+    DiskFacts,
+    GpuFacts,
+    KernelFacts,
+    NetworkFacts,
+    Probes,
+)
 from r1nest.hardware import GIB, GPUS, GpuModel, HardwareClass
 
 SCHEMA_VERSION = 1
@@ -258,132 +266,21 @@ def diagnose(
     planner: Planner | None = None,
 ) -> DoctorReport:
     """Facts -> checks, expected backends and the planner's verdict. No I/O."""
-    gpus = facts.gpus
-    hw_class = hardware_class_of(gpus)
-    checks: list[Check] = []
-
-    # GPUs
-    if not gpus:
-        if needs_gpu(model):
-            checks.append(Check("gpus", "fail", f"no GPU found (torch sees no CUDA device and nvidia-smi "
-                                f"lists none): {model.id} needs GPUs"))
-        else:
-            checks.append(Check("gpus", "ok", f"no GPU; {model.id} is small enough for the CPU build"))
-    else:
-        names = sorted({g.name for g in gpus})
-        each = ", ".join(f"{g.arch or '?'} {g.memory_bytes / GIB:.0f} GiB" for g in gpus[:1])
-        checks.append(Check("gpus", "ok" if len(names) == 1 else "warn",
-                            f"{len(gpus)} x {' / '.join(names)} ({each} each)"))
-        if hw_class is None:
-            archs = sorted({g.arch or "?" for g in gpus})
-            checks.append(Check("architecture", "fail",
-                                f"unsupported or mixed GPU architecture ({', '.join(archs)}): the "
-                                "engines' DeepSeek kernels need Ampere (sm80) or newer, all GPUs alike"))
-        else:
-            checks.append(Check("architecture", "ok", f"hardware class {hw_class}"))
-
-    # FP8: the capability, then the real GEMM on each GPU
-    if gpus:
-        incapable = [g for g in gpus if not fp8_capable(g)]
-        if model.needs_fp8_hardware and incapable:
-            arch = incapable[0].arch or "?"
-            checks.append(Check("fp8", "fail",
-                                f"{model.id} ships FP8 block-quantized weights; FP8 tensor cores need compute "
-                                f"capability >= 8.9 (Ada, Hopper, Blackwell) and these GPUs are {arch} "
-                                f"({incapable[0].name}). Use H100/H200/B200, or serve a BF16 distill here."))
-        elif incapable:
-            checks.append(Check("fp8", "skip", f"no FP8 tensor cores ({incapable[0].arch}); {model.id} "
-                                "does not need them"))
-        for gpu in gpus:
-            gemm = gpu.fp8_gemm
-            if not fp8_capable(gpu):
-                continue
-            if gemm.ran and gemm.max_rel_error is not None and gemm.max_rel_error > 0.05:
-                checks.append(Check(f"fp8_gemm[{gpu.index}]", "fail",
-                                    f"FP8 GEMM gave wrong results (max relative error {gemm.max_rel_error})"))
-            elif gemm.ran:
-                checks.append(Check(f"fp8_gemm[{gpu.index}]", "ok",
-                                    f"torch._scaled_mm float8_e4m3fn: {gemm.tflops} TFLOP/s"))
-            else:
-                status: Status = "fail" if model.needs_fp8_hardware and gemm.error else "warn"
-                checks.append(Check(f"fp8_gemm[{gpu.index}]", status,
-                                    f"FP8 GEMM not run: {gemm.error or 'skipped (--no-gemm)'}"))
-
-    # memory: do the weights fit with room for the KV cache?
-    if gpus and needs_gpu(model):
-        total = sum(g.memory_bytes for g in gpus) * nodes
-        limit = int(total * WEIGHTS_MAX_GPU_FRACTION)
-        where = f"{nodes} node(s) x {len(gpus)} GPU(s) = {total / 1e9:,.0f} GB"
-        if model.weight_bytes > limit:
-            checks.append(Check("gpu_memory", "fail",
-                                f"{model.id} weights are {model.weight_bytes / 1e9:,.0f} GB; {where} of GPU memory "
-                                f"leaves no room for the KV cache (weights may take at most "
-                                f"{WEIGHTS_MAX_GPU_FRACTION:.0%}). More GPUs or nodes are needed."))
-        else:
-            checks.append(Check("gpu_memory", "ok",
-                                f"weights {model.weight_bytes / 1e9:,.1f} GB of {where}"))
-
-    # engine and kernels
-    modules = facts.kernels.modules
-    if not modules.get("engine"):
-        error = facts.kernels.errors.get("engine", "not installed")
-        checks.append(Check("engine", "fail", f"{engine} does not import: {error}"))
-    else:
-        checks.append(Check("engine", "ok", f"{engine} {facts.kernels.version or ''}".strip()))
-        required = (
-            REQUIRED_MODULES_CPU if not gpus else
-            REQUIRED_MODULES_GPU if engine == "vllm" else REQUIRED_MODULES_SGLANG_GPU
-        )
-        for role, present in sorted(modules.items()):
-            if role == "engine":
-                continue
-            if present:
-                checks.append(Check(f"kernel:{role}", "ok", "imports"))
-                continue
-            error = facts.kernels.errors.get(role, "missing")
-            if role in required:
-                checks.append(Check(f"kernel:{role}", "fail", f"does not import: {error}"))
-            elif gpus and role in ("flashmla", "deep_gemm") and model.uses_mla:
-                checks.append(Check(f"kernel:{role}", "warn", f"missing, slower fallback kernels: {error}"))
-            elif gpus and role == "deep_ep" and nodes > 1:
-                checks.append(Check(f"kernel:{role}", "warn", f"missing, expert all-to-all without DeepEP: {error}"))
-            else:
-                checks.append(Check(f"kernel:{role}", "skip", f"not needed here ({error})"))
-
-    # multi-node fabric
-    net = facts.network
-    if nodes > 1:
-        if net.efa_devices or net.infiniband_devices:
-            devices = ", ".join(net.efa_devices or net.infiniband_devices)
-            providers = ", ".join(net.fabric_providers) or "fi_info not found"
-            checks.append(Check("fabric", "ok", f"RDMA devices {devices}; libfabric providers: {providers}"))
-        else:
-            checks.append(Check("fabric", "warn", f"{nodes} nodes but no InfiniBand/EFA device in "
-                                "/sys/class/infiniband: NCCL falls back to TCP sockets (slow)"))
-    if net.nccl_env:
-        checks.append(Check("nccl_env", "ok", " ".join(f"{k}={v}" for k, v in net.nccl_env.items())))
-
-    # disk
-    if model.is_local:
-        checks.append(Check("disk", "skip", f"weights already on disk at {model.hf_repo}"))
-    else:
-        missing = max(0, model.weight_bytes - facts.disk.cached_bytes)
-        needed = int(missing * DISK_HEADROOM)
-        if facts.disk.free_bytes < needed:
-            checks.append(Check("disk", "fail",
-                                f"{facts.disk.path} has {facts.disk.free_bytes / 1e9:,.0f} GB free; the weights "
-                                f"still to download need {needed / 1e9:,.0f} GB"))
-        else:
-            checks.append(Check("disk", "ok", f"{facts.disk.free_bytes / 1e9:,.0f} GB free in {facts.disk.path}, "
-                                f"{missing / 1e9:,.1f} GB to download"))
-
-    # the planner's verdict for this box
+    hw_class = hardware_class_of(facts.gpus)
+    checks = [
+        *_gpu_checks(facts.gpus, model, hw_class),
+        *_fp8_checks(facts.gpus, model),
+        *_memory_checks(facts.gpus, model, nodes),
+        *_kernel_checks(facts.kernels, model, engine, has_gpus=bool(facts.gpus), nodes=nodes),
+        *_fabric_checks(facts.network, nodes),
+        *_disk_checks(facts.disk, model),
+    ]
     plan_json: dict[str, Any] | None = None
     profile_env: dict[str, str] = {}
     kv_dtype = "auto"
     if planner is not None and hw_class is not None:
         try:
-            result = planner(model, engine=engine, nodes=nodes, hardware_class=hw_class, gpus=gpus)
+            result = planner(model, engine=engine, nodes=nodes, hardware_class=hw_class, gpus=facts.gpus)
         except PlanError as exc:
             checks.append(Check("plan", "fail", f"the planner refuses: {exc}"))
         else:
@@ -393,10 +290,126 @@ def diagnose(
             kv_dtype = getattr(profile, "kv_cache_dtype", None) or _kv_cache_dtype(
                 tuple(getattr(profile, "args", ()) or ()))
             checks.append(Check("plan", "ok", _plan_summary(plan_json)))
-
-    backends = expected_backends(model, engine, hw_class, modules, kv_cache_dtype=kv_dtype,
+    backends = expected_backends(model, engine, hw_class, facts.kernels.modules, kv_cache_dtype=kv_dtype,
                                  engine_env=profile_env, nodes=nodes)
     return DoctorReport(model, engine, nodes, hw_class, facts, tuple(checks), backends, plan_json)
+
+
+def _gpu_checks(gpus: tuple[GpuFacts, ...], model: ModelSpec, hw_class: str | None) -> list[Check]:
+    if not gpus:
+        if needs_gpu(model):
+            return [Check("gpus", "fail", "no GPU found (torch sees no CUDA device and nvidia-smi lists "
+                          f"none): {model.id} needs GPUs")]
+        return [Check("gpus", "ok", f"no GPU; {model.id} is small enough for the CPU build")]
+    names = sorted({g.name for g in gpus})
+    first = gpus[0]
+    checks = [Check("gpus", "ok" if len(names) == 1 else "warn",
+                    f"{len(gpus)} x {' / '.join(names)} ({first.arch or '?'}, "
+                    f"{first.memory_bytes / GIB:.0f} GiB each)")]
+    if hw_class is None:
+        archs = sorted({g.arch or "?" for g in gpus})
+        checks.append(Check("architecture", "fail",
+                            f"unsupported or mixed GPU architecture ({', '.join(archs)}): the engines' "
+                            "DeepSeek kernels need Ampere (sm80) or newer, all GPUs alike"))
+    else:
+        checks.append(Check("architecture", "ok", f"hardware class {hw_class}"))
+    return checks
+
+
+def _fp8_checks(gpus: tuple[GpuFacts, ...], model: ModelSpec) -> list[Check]:
+    """FP8 capability, then the real GEMM measured on each GPU."""
+    checks: list[Check] = []
+    incapable = [g for g in gpus if not fp8_capable(g)]
+    if incapable and model.needs_fp8_hardware:
+        checks.append(Check("fp8", "fail",
+                            f"{model.id} ships FP8 block-quantized weights; FP8 tensor cores need compute "
+                            f"capability >= 8.9 (Ada, Hopper, Blackwell) and these GPUs are "
+                            f"{incapable[0].arch or '?'} ({incapable[0].name}). Use H100/H200/B200, or serve "
+                            "a BF16 distill here."))
+    elif incapable:
+        checks.append(Check("fp8", "skip",
+                            f"no FP8 tensor cores ({incapable[0].arch}); {model.id} does not need them"))
+    for gpu in gpus:
+        if not fp8_capable(gpu):
+            continue
+        gemm, name = gpu.fp8_gemm, f"fp8_gemm[{gpu.index}]"
+        if gemm.ran and gemm.max_rel_error is not None and gemm.max_rel_error > FP8_CHECK_MAX_REL_ERROR:
+            checks.append(Check(name, "fail", f"FP8 GEMM gave wrong results (max relative error "
+                                f"{gemm.max_rel_error})"))
+        elif gemm.ran:
+            checks.append(Check(name, "ok", f"torch._scaled_mm float8_e4m3fn: {gemm.tflops} TFLOP/s"))
+        else:
+            status: Status = "fail" if model.needs_fp8_hardware and gemm.error else "warn"
+            checks.append(Check(name, status, f"FP8 GEMM not run: {gemm.error or 'skipped (--no-gemm)'}"))
+    return checks
+
+
+def _memory_checks(gpus: tuple[GpuFacts, ...], model: ModelSpec, nodes: int) -> list[Check]:
+    """Do the weights fit with room left for the KV cache?"""
+    if not gpus or not needs_gpu(model):
+        return []
+    total = sum(g.memory_bytes for g in gpus) * nodes
+    where = f"{nodes} node(s) x {len(gpus)} GPU(s) = {total / 1e9:,.0f} GB"
+    if model.weight_bytes > int(total * WEIGHTS_MAX_GPU_FRACTION):
+        return [Check("gpu_memory", "fail",
+                      f"{model.id} weights are {model.weight_bytes / 1e9:,.0f} GB; {where} of GPU memory leaves "
+                      f"no room for the KV cache (weights may take at most {WEIGHTS_MAX_GPU_FRACTION:.0%}). "
+                      "More GPUs or nodes are needed.")]
+    return [Check("gpu_memory", "ok", f"weights {model.weight_bytes / 1e9:,.1f} GB of {where}")]
+
+
+def _kernel_checks(kernels: KernelFacts, model: ModelSpec, engine: str, *, has_gpus: bool,
+                   nodes: int) -> list[Check]:
+    if not kernels.modules.get("engine"):
+        return [Check("engine", "fail",
+                      f"{engine} does not import: {kernels.errors.get('engine', 'not installed')}")]
+    checks = [Check("engine", "ok", f"{engine} {kernels.version or ''}".strip())]
+    required = (REQUIRED_MODULES_CPU if not has_gpus else
+                REQUIRED_MODULES_GPU if engine == "vllm" else REQUIRED_MODULES_SGLANG_GPU)
+    for role, present in sorted(kernels.modules.items()):
+        if role == "engine":
+            continue
+        name = f"kernel:{role}"
+        error = kernels.errors.get(role, "missing")
+        if present:
+            checks.append(Check(name, "ok", "imports"))
+        elif role in required:
+            checks.append(Check(name, "fail", f"does not import: {error}"))
+        elif has_gpus and role in ("flashmla", "deep_gemm") and model.uses_mla:
+            checks.append(Check(name, "warn", f"missing, slower fallback kernels: {error}"))
+        elif has_gpus and role == "deep_ep" and nodes > 1:
+            checks.append(Check(name, "warn", f"missing, expert all-to-all without DeepEP: {error}"))
+        else:
+            checks.append(Check(name, "skip", f"not needed here ({error})"))
+    return checks
+
+
+def _fabric_checks(net: NetworkFacts, nodes: int) -> list[Check]:
+    checks: list[Check] = []
+    if nodes > 1:
+        devices = net.efa_devices or net.infiniband_devices
+        if devices:
+            providers = ", ".join(net.fabric_providers) or "fi_info not found"
+            checks.append(Check("fabric", "ok", f"RDMA devices {', '.join(devices)}; libfabric providers: "
+                                f"{providers}"))
+        else:
+            checks.append(Check("fabric", "warn", f"{nodes} nodes but no InfiniBand/EFA device in "
+                                "/sys/class/infiniband: NCCL falls back to TCP sockets (slow)"))
+    if net.nccl_env:
+        checks.append(Check("nccl_env", "ok", " ".join(f"{k}={v}" for k, v in net.nccl_env.items())))
+    return checks
+
+
+def _disk_checks(disk: DiskFacts, model: ModelSpec) -> list[Check]:
+    if model.is_local:
+        return [Check("disk", "skip", f"weights already on disk at {model.hf_repo}")]
+    missing = max(0, model.weight_bytes - disk.cached_bytes)
+    needed = int(missing * DISK_HEADROOM)
+    if disk.free_bytes < needed:
+        return [Check("disk", "fail", f"{disk.path} has {disk.free_bytes / 1e9:,.0f} GB free; the weights "
+                      f"still to download need {needed / 1e9:,.0f} GB")]
+    return [Check("disk", "ok", f"{disk.free_bytes / 1e9:,.0f} GB free in {disk.path}, "
+                  f"{missing / 1e9:,.1f} GB to download")]
 
 
 def _plan_summary(plan: dict[str, Any]) -> str:

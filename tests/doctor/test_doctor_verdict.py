@@ -206,3 +206,22 @@ def test_the_real_planner_sizes_the_detected_box() -> None:
         *a, **{**k, "gpus": tuple(g.__class__(**{**g.__dict__, "name": "NVIDIA GH200 480GB"})
                                   for g in k["gpus"])}))
     assert "not in r1nest's hardware table" in unknown.reason
+
+
+def test_sglang_on_hopper_expects_flashmla_and_needs_sgl_kernel() -> None:
+    report = diagnose(box("H200", 8, engine="sglang"), R1, engine="sglang")
+    assert report.ok, report.reason
+    assert report.backends["attention"] == "flashmla"
+    broken = diagnose(box("H200", 8, engine="sglang", missing=("sgl_kernel",)), R1, engine="sglang")
+    assert "kernel:sgl_kernel" in failed(broken)
+
+
+def test_local_checkpoint_up_to_the_cpu_bound_needs_no_gpu(tiny_model_dir: Path) -> None:
+    from dataclasses import replace
+
+    from r1nest.doctor import CPU_MAX_WEIGHT_BYTES
+
+    tiny = local_model(tiny_model_dir)
+    assert diagnose(box(None), replace(tiny, weight_bytes=CPU_MAX_WEIGHT_BYTES)).ok
+    too_big = diagnose(box(None), replace(tiny, weight_bytes=CPU_MAX_WEIGHT_BYTES + 1))
+    assert too_big.reason.startswith("no GPU found")
