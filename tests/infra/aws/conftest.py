@@ -137,6 +137,14 @@ def _run(config: dict[str, str], plant: Plant | None, region: str | None) -> Sta
 
         return asyncio.ensure_future(collect())
 
+    # pulumi drives its loop through asyncio.get_event_loop(); a test that ran asyncio.run() before
+    # leaves none (or a closed one) behind: give pulumi a fresh one then, and keep it
+    try:
+        usable = not asyncio.get_event_loop_policy().get_event_loop().is_closed()
+    except RuntimeError:
+        usable = False
+    if not usable:
+        asyncio.set_event_loop(asyncio.new_event_loop())
     body()
     return StackRun(mocks.resources, outputs, secret, dict(config))
 

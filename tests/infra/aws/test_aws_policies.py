@@ -213,8 +213,11 @@ def test_outputs_are_present_and_keys_are_secret(run_stack):
     run = run_stack()
     assert check_outputs(run.outputs, run.secret_outputs) == []
     assert run.outputs["api_key"].startswith("r1n-") and run.outputs["admin_key"].startswith("r1nadmin-")
-    assert run.outputs["public_endpoint"] == "http://198.51.100.8:8000/v1" or run.outputs["public_endpoint"].startswith("http://198.51.100.")
-    assert run.outputs["internal_endpoint"].startswith("http://10.42.")
+    eip = run.one("aws:ec2/eip:Eip")
+    assert eip.inputs["domain"] == "vpc"
+    assert run.outputs["public_endpoint"].startswith("http://198.51.100.")  # the Elastic IP (mocked range)
+    assert run.outputs["internal_endpoint"].startswith("http://10.42.")  # the private address
+    assert run.outputs["overview_url"] == run.outputs["public_endpoint"][: -len("/v1")] + "/overview"
     assert run.outputs["credits"] == 1_000_000 and run.outputs["nodes"] == 1
 
 

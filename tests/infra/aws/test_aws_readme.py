@@ -34,7 +34,9 @@ def test_readme_deploy_commands_use_the_real_config_keys():
     from r1nest_aws.config import KNOWN_KEYS
 
     text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("## Deploy to AWS"):]
+    start = text.index("## Deploy to AWS")
+    end = text.find("\n## ", start + 1)
+    section = text[start:] if end < 0 else text[start:end]
     used = set(re.findall(r"(?<![/\w])r1nest:([A-Za-z]+)", section)) - {"aws", "deployment"}
     assert used and used <= set(KNOWN_KEYS), used - set(KNOWN_KEYS)
     assert "pulumi up" in section and "pulumi destroy" in section and "r1nest overview --from pulumi" in section

@@ -153,3 +153,37 @@ def test_read_key_accepts_only_an_api_key(text):
         read_key(io.StringIO(text))
     _, good = new_key()
     assert read_key(io.StringIO(good + "\n")) == good
+
+
+def test_bootstrap_command_registers_the_key_in_the_sqlite_ledger_once(tmp_path):
+    import asyncio
+    import os
+    import sys
+
+    from r1nest.ledger.sqlite import SqliteStore
+
+    _, plaintext = new_key()
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("R1NEST_")}
+    env["R1NEST_DATA_DIR"] = str(tmp_path)
+    outputs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-m", "r1nest.cloud.bootstrap", "--credits", "777"], input=plaintext + "\n",
+                              text=True, capture_output=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert plaintext not in done.stdout + done.stderr  # never echoed
+        outputs.append(done.stdout.strip())
+    assert outputs == ["registered the deployment's API key", "the deployment's API key is already registered"]
+
+    async def read() -> list:
+        store = SqliteStore(tmp_path / "ledger.sqlite3")
+        try:
+            return await store.list_keys()
+        finally:
+            await store.close()
+
+    (record,) = asyncio.run(read())
+    assert record.key_hash == hash_key(plaintext) and record.remaining_credits == 777
+
+    bad = subprocess.run([sys.executable, "-m", "r1nest.cloud.bootstrap", "--credits", "1"], input="nope",
+                         text=True, capture_output=True, env=env, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
