@@ -109,6 +109,7 @@ class DoctorReport:
             "network": {
                 "infiniband_devices": list(facts.network.infiniband_devices),
                 "efa_devices": list(facts.network.efa_devices),
+                "verbs_device_nodes": list(facts.network.verbs_device_nodes),
                 "fabric_providers": list(facts.network.fabric_providers),
                 "nccl_env": dict(facts.network.nccl_env),
             },
@@ -388,7 +389,11 @@ def _fabric_checks(net: NetworkFacts, nodes: int) -> list[Check]:
     checks: list[Check] = []
     if nodes > 1:
         devices = net.efa_devices or net.infiniband_devices
-        if devices:
+        if devices and not net.verbs_device_nodes:
+            checks.append(Check("fabric", "warn", f"RDMA devices {', '.join(devices)} exist but no "
+                                "/dev/infiniband/uverbs* is open to this process: in a container, pass "
+                                "--device /dev/infiniband, or NCCL falls back to TCP sockets (slow)"))
+        elif devices:
             providers = ", ".join(net.fabric_providers) or "fi_info not found"
             checks.append(Check("fabric", "ok", f"RDMA devices {', '.join(devices)}; libfabric providers: "
                                 f"{providers}"))

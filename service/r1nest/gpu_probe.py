@@ -88,8 +88,9 @@ class KernelFacts:
 
 @dataclass(frozen=True)
 class NetworkFacts:
-    infiniband_devices: tuple[str, ...] = ()
+    infiniband_devices: tuple[str, ...] = ()  # /sys/class/infiniband: what the host has
     efa_devices: tuple[str, ...] = ()
+    verbs_device_nodes: tuple[str, ...] = ()  # /dev/infiniband/uverbs*: what this process may open
     fabric_providers: tuple[str, ...] = ()  # from `fi_info -l`, empty when fi_info is absent
     nccl_env: dict[str, str] = field(default_factory=dict)
 
@@ -399,9 +400,12 @@ class HostNetworkProbe:
         ib_dir = self.sys_root / "sys/class/infiniband"
         ib = tuple(sorted(p.name for p in ib_dir.iterdir())) if ib_dir.is_dir() else ()
         efa = tuple(name for name in ib if name.startswith("rdmap") or "efa" in name)
+        dev_dir = self.sys_root / "dev/infiniband"
+        nodes = tuple(sorted(p.name for p in dev_dir.glob("uverbs*"))) if dev_dir.is_dir() else ()
         return NetworkFacts(
             infiniband_devices=ib,
             efa_devices=efa,
+            verbs_device_nodes=nodes,
             fabric_providers=_fabric_providers(),
             nccl_env=environ_with_prefixes("NCCL_", "FI_", "GLOO_SOCKET_IFNAME"),
         )

@@ -66,3 +66,20 @@ def test_cli_on_a_box_without_gpu(tmp_path: Path) -> None:
     assert refused.returncode == 1
     assert "no GPU found" in refused.stdout
     assert "Traceback" not in refused.stdout + refused.stderr
+
+
+def test_network_probe_reads_sysfs_and_device_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from r1nest.gpu_probe import HostNetworkProbe
+
+    (tmp_path / "sys/class/infiniband/rdmap79s0").mkdir(parents=True)
+    (tmp_path / "sys/class/infiniband/mlx5_0").mkdir(parents=True)
+    (tmp_path / "dev/infiniband").mkdir(parents=True)
+    (tmp_path / "dev/infiniband/uverbs0").touch()
+    (tmp_path / "dev/infiniband/rdma_cm").touch()
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    monkeypatch.setenv("FI_EFA_USE_DEVICE_RDMA", "1")
+    facts = HostNetworkProbe(sys_root=tmp_path).network()
+    assert facts.infiniband_devices == ("mlx5_0", "rdmap79s0")
+    assert facts.efa_devices == ("rdmap79s0",)
+    assert facts.verbs_device_nodes == ("uverbs0",)
+    assert facts.nccl_env["NCCL_DEBUG"] == "INFO" and facts.nccl_env["FI_EFA_USE_DEVICE_RDMA"] == "1"

@@ -131,11 +131,17 @@ def test_multi_node_without_rdma_warns_and_with_efa_reports_it() -> None:
     plain = diagnose(box("H100", 8), R1, nodes=2)
     assert {c.name: c.status for c in plain.checks}["fabric"] == "warn"
     efa = NetworkFacts(infiniband_devices=("rdmap79s0",), efa_devices=("rdmap79s0",),
-                       fabric_providers=("efa", "tcp"), nccl_env={"FI_PROVIDER": "efa"})
+                       verbs_device_nodes=("uverbs0",), fabric_providers=("efa", "tcp"),
+                       nccl_env={"FI_PROVIDER": "efa"})
     report = diagnose(box("H100", 8, network=efa), R1, nodes=2)
     checks = {c.name: c for c in report.checks}
     assert checks["fabric"].status == "ok" and "efa" in checks["fabric"].detail
     assert "FI_PROVIDER=efa" in checks["nccl_env"].detail
+    from dataclasses import replace
+
+    hidden = diagnose(box("H100", 8, network=replace(efa, verbs_device_nodes=())), R1, nodes=2)
+    fabric = {c.name: c for c in hidden.checks}["fabric"]
+    assert fabric.status == "warn" and "--device /dev/infiniband" in fabric.detail
 
 
 def test_a_planner_refusal_is_the_verdict() -> None:
@@ -176,7 +182,8 @@ def test_run_doctor_end_to_end_with_fake_probes_has_the_pinned_json_schema(tiny_
     assert list(data["model"]) == ["id", "hf_repo", "architecture", "weight_dtype", "weight_bytes"]
     assert list(data["hardware"]) == ["class", "gpu_count", "driver_version", "torch_version",
                                       "cuda_version", "gpus"]
-    assert list(data["network"]) == ["infiniband_devices", "efa_devices", "fabric_providers", "nccl_env"]
+    assert list(data["network"]) == ["infiniband_devices", "efa_devices", "verbs_device_nodes",
+                                     "fabric_providers", "nccl_env"]
     assert list(data["disk"]) == ["path", "free_bytes", "cached_bytes"]
     assert all(list(c) == ["name", "status", "detail"] for c in data["checks"])
     gpu_report = run_doctor("deepseek-r1", "vllm", 1, fake_probes(box("H200", 8)), planner=None).to_json()
