@@ -167,6 +167,7 @@ def test_examples_from_the_written_page_run_against_the_deployment(deployment, t
     for body in sent:
         assert body["model"] == MODEL and body["temperature"] == 0.6 and body["top_p"] == 0.95
         assert [m["role"] for m in body["messages"]] == ["user"]
+        assert isinstance(body["max_tokens"], int) and body["max_tokens"] > 0  # filled in by the gateway
 
 
 def test_javascript_example_runs_with_node_and_the_openai_package(deployment, tmp_path):

@@ -78,7 +78,7 @@ def test_curl_example_is_one_shell_command_with_bearer_and_json_body(context):
     assert f"Authorization: Bearer {context.api_key}" in words
     body = json.loads(words[words.index("-d") + 1])
     assert body["model"] == "deepseek-r1" and body["temperature"] == 0.6 and body["top_p"] == 0.95
-    assert "stream" not in body
+    assert "stream" not in body and "max_tokens" not in body  # the deployment's and the key's limits apply
     assert "\\boxed{}" in body["messages"][0]["content"]
 
 

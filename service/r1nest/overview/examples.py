@@ -22,7 +22,9 @@ from r1nest.overview.context import KEY_ENV_VAR, OverviewContext
 # 0.6 advised, top-p 0.95, no system prompt, for math ask for steps and a final \boxed{} answer.
 TEMPERATURE = 0.6
 TOP_P = 0.95
-MAX_TOKENS = 4096  # room for the reasoning; the gateway lowers it to what the key can pay
+# No max_tokens in the examples: R1 may reason for thousands of tokens, and the right bound is the
+# deployment's (its context and max_tokens cap) and the key's (the gateway fills in what it can pay).
+# A fixed number would fail on a deployment with a shorter context.
 PROMPT = "What is 17 * 24? Please reason step by step, and put your final answer within \\boxed{}."
 CREDITS_PROMPT_NOTE = "The x-remaining-credits response header carries the key's balance."
 
@@ -93,7 +95,6 @@ def curl_example(ctx: OverviewContext) -> Example:
             "messages": [{"role": "user", "content": PROMPT}],
             "temperature": TEMPERATURE,
             "top_p": TOP_P,
-            "max_tokens": MAX_TOKENS,
         },
         indent=2,
     )
@@ -143,7 +144,6 @@ def python_example(ctx: OverviewContext) -> Example:
         f"    messages=[{{\"role\": \"user\", \"content\": {json.dumps(PROMPT)}}}],\n"
         f"    temperature={TEMPERATURE},\n"
         f"    top_p={TOP_P},\n"
-        f"    max_tokens={MAX_TOKENS},\n"
         "    stream=True,\n"
         "    stream_options={\"include_usage\": True},\n"
         ")\n\n"
@@ -191,7 +191,6 @@ def javascript_example(ctx: OverviewContext) -> Example:
         f"  messages: [{{ role: \"user\", content: {json.dumps(PROMPT)} }}],\n"
         f"  temperature: {TEMPERATURE},\n"
         f"  top_p: {TOP_P},\n"
-        f"  max_tokens: {MAX_TOKENS},\n"
         "  stream: true,\n"
         "  stream_options: { include_usage: true },\n"
         "});\n\n"
