@@ -1,0 +1,260 @@
+"""SQLite specifics: durability settings, crashes (SIGKILL between reserve and settle), reopening,
+two processes on one file, the writer thread, and callers that stop waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from r1nest.errors import ReservationClosed, StoreError
+from r1nest.ledger import open_and_sweep, open_store
+from r1nest.ledger.sqlite import SqliteStore
+from r1nest.settings import Settings
+
+T0 = 1_700_000_000.0
+KEY_ID = "0123456789ab"
+
+
+async def new_store(path: Path, credits: int = 1000) -> SqliteStore:
+    store = SqliteStore(path)
+    await store.create_key(key_id=KEY_ID, key_hash="f" * 64, name="t", credits=credits, expires_at=None, now=T0)
+    return store
+
+
+async def assert_consistent(store: SqliteStore, expected: int) -> None:
+    assert await store.balance(KEY_ID) == expected
+    assert sum(p.credits for p in await store.postings(KEY_ID)) == expected
+
+
+def run_child(path: Path, body: str) -> subprocess.Popen[str]:
+    """A separate Python process that opens the ledger at `path` and runs `body` (async)."""
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        from r1nest.ledger.sqlite import SqliteStore
+
+        async def main(store):
+        {body}
+
+        asyncio.run(main(SqliteStore(sys.argv[1])))
+        """
+    ).format(body=textwrap.indent(textwrap.dedent(body), "    "))
+    return subprocess.Popen(
+        [sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def read_line(child: subprocess.Popen[str], timeout_s: float = 30.0) -> str:
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(child.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    if not result or not result[0]:
+        child.kill()
+        raise AssertionError(f"child said nothing; stderr: {child.stderr.read()[-2000:]}")
+    return result[0].strip()
+
+
+async def test_durability_settings(tmp_path: Path) -> None:
+    store = await new_store(tmp_path / "l.sqlite3")
+    synchronous = await store._submit(lambda c: c.execute("PRAGMA synchronous").fetchone()[0], writes=False)
+    mode = await store._submit(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0], writes=False)
+    assert (synchronous, mode) == (2, "wal")  # 2 = FULL: a commit is on disk when it returns
+    await store.close()
+
+
+async def test_operations_run_off_the_event_loop_thread(tmp_path: Path) -> None:
+    store = await new_store(tmp_path / "l.sqlite3")
+    thread_id = await store._submit(lambda c: threading.get_ident(), writes=False)
+    assert thread_id != threading.get_ident()
+    await store.close()
+
+
+async def test_the_loop_keeps_running_while_the_writer_waits(tmp_path: Path) -> None:
+    store = await new_store(tmp_path / "l.sqlite3")
+    ticks = 0
+
+    async def heartbeat() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    beating = asyncio.create_task(heartbeat())
+    await store._submit(lambda c: time.sleep(0.5))  # a slow disk
+    beating.cancel()
+    assert ticks >= 10
+    await store.close()
+
+
+async def test_data_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    store = await new_store(path, credits=500)
+    reservation = await store.reserve(KEY_ID, 100, ttl_s=60, now=T0)
+    await store.topup(KEY_ID, 50, idempotency_key="once", now=T0)
+    await store.close()
+
+    store = SqliteStore(path)
+    await assert_consistent(store, 450)
+    assert await store.topup(KEY_ID, 50, idempotency_key="once", now=T0) == 450
+    assert await store.settle(reservation.reservation_id, 40, now=T0) == 510
+    await store.close()
+
+
+async def test_kill_between_reserve_and_settle_then_sweep_restores_the_balance(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    store = await new_store(path, credits=1000)
+    await store.close()
+
+    child = run_child(path, f"""
+        reservation = await store.reserve({KEY_ID!r}, 400, ttl_s=60, now={T0})
+        print(reservation.reservation_id, flush=True)
+        await asyncio.sleep(60)  # the request would be streaming here
+        await store.settle(reservation.reservation_id, 1, now={T0})
+    """)
+    reservation_id = read_line(child)
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.wait(10) == -signal.SIGKILL
+
+    store = SqliteStore(path)
+    await assert_consistent(store, 600)  # the reservation was durable
+    assert await store.sweep_expired(now=T0 + 59) == 0  # not yet expired: a live stream keeps it
+    assert await store.sweep_expired(now=T0 + 61) == 1
+    await assert_consistent(store, 1000)
+    postings = await store.postings(KEY_ID)
+    assert [(p.kind, p.credits, p.reservation_id) for p in postings] == [
+        ("grant", 1000, None), ("reserve", -400, reservation_id), ("void", 400, reservation_id),
+    ]
+    with pytest.raises(ReservationClosed):
+        await store.settle(reservation_id, 1, now=T0 + 62)
+    await store.close()
+
+
+async def test_kill_in_the_middle_of_busy_traffic_leaves_a_consistent_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    initial = 10**9
+    store = await new_store(path, credits=initial)
+    await store.close()
+
+    child = run_child(path, f"""
+        async def request(i):
+            r = await store.reserve({KEY_ID!r}, 100, ttl_s=60, now={T0})
+            await asyncio.sleep(0.001 * (i % 7))  # the engine at work
+            await store.settle(r.reservation_id, i % 101, now={T0})
+        async def worker(n):
+            for i in range(100000):
+                await request(i + n)
+        tasks = [asyncio.create_task(worker(n)) for n in range(16)]
+        await asyncio.sleep(0.3)
+        print("busy", flush=True)
+        await asyncio.gather(*tasks)
+    """)
+    assert read_line(child) == "busy"
+    time.sleep(0.2)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(10)
+
+    with sqlite3.connect(path) as db:
+        pending = db.execute("SELECT COUNT(*) FROM reservations WHERE state = 'pending'").fetchone()[0]
+    assert pending > 0  # killed with requests in flight
+
+    store = await open_and_sweep(Settings(data_dir=tmp_path, store="sqlite"), now=T0 + 61)
+    assert store.path == path  # open_store follows the settings
+    balance = await store.balance(KEY_ID)
+    await assert_consistent(store, balance)
+    await store.close()
+    with sqlite3.connect(path) as db:
+        states = dict(db.execute("SELECT state, COUNT(*) FROM reservations GROUP BY state").fetchall())
+        charged = db.execute("SELECT COALESCE(SUM(credits_charged), 0) FROM reservations").fetchone()[0]
+    assert states.get("pending", 0) == 0
+    assert states.get("settled", 0) > 10  # the child really was busy
+    assert balance == initial - charged
+
+
+async def test_startup_sweep_leaves_reservations_before_their_deadline(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    store = await new_store(path, credits=100)
+    reservation = await store.reserve(KEY_ID, 100, ttl_s=60, now=T0)
+    await store.close()
+    store = await open_and_sweep(Settings(data_dir=tmp_path), now=T0 + 1)
+    await assert_consistent(store, 0)
+    assert await store.settle(reservation.reservation_id, 30, now=T0 + 2) == 70
+    await store.close()
+
+
+async def test_two_processes_write_one_file(tmp_path: Path) -> None:
+    """The gateway and `r1nest keys` may hold the same ledger open at once."""
+    path = tmp_path / "l.sqlite3"
+    store = await new_store(path, credits=100_000)
+    child = run_child(path, f"""
+        for i in range(200):
+            r = await store.reserve({KEY_ID!r}, 10, ttl_s=60, now={T0})
+            await store.settle(r.reservation_id, 3, now={T0})
+        print("done", flush=True)
+    """)
+    for i in range(200):
+        await store.topup(KEY_ID, 1, idempotency_key=f"t{i}", now=T0)
+    assert read_line(child) == "done"
+    assert child.wait(10) == 0
+    await assert_consistent(store, 100_000 + 200 - 200 * 3)
+    await store.close()
+
+
+async def test_a_cancelled_reserve_gives_its_credits_back(tmp_path: Path) -> None:
+    store = await new_store(tmp_path / "l.sqlite3", credits=100)
+    task = asyncio.create_task(store.reserve(KEY_ID, 60, ttl_s=3600, now=T0))
+    await asyncio.sleep(0)  # queued to the writer
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):
+        if await store.balance(KEY_ID) == 100 and len(await store.postings(KEY_ID)) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert [p.kind for p in await store.postings(KEY_ID)] == ["grant", "reserve", "void"]
+    await assert_consistent(store, 100)
+    await store.close()
+
+
+async def test_a_failing_operation_does_not_undo_its_batch_neighbours(tmp_path: Path) -> None:
+    store = await new_store(tmp_path / "l.sqlite3", credits=100)
+    results = await asyncio.gather(
+        store.topup(KEY_ID, 5, idempotency_key="a", now=T0),
+        store.reserve(KEY_ID, 10_000, ttl_s=60, now=T0),  # fails inside the same transaction
+        store.topup(KEY_ID, 7, idempotency_key="b", now=T0),
+        return_exceptions=True,
+    )
+    assert results[0] == 105 and results[2] == 112
+    assert type(results[1]).__name__ == "InsufficientCredits"
+    await assert_consistent(store, 112)
+    await store.close()
+
+
+async def test_closed_store_refuses_work(tmp_path: Path) -> None:
+    store = await new_store(tmp_path / "l.sqlite3")
+    await store.close()
+    with pytest.raises(StoreError):
+        await store.balance(KEY_ID)
+
+
+def test_unopenable_path_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StoreError, match="cannot open the ledger"):
+        SqliteStore(blocker / "sub" / "l.sqlite3")
+
+
+def test_open_store_picks_sqlite_in_the_data_dir(tmp_path: Path) -> None:
+    store = open_store(Settings(data_dir=tmp_path))
+    assert isinstance(store, SqliteStore) and store.path == tmp_path / "ledger.sqlite3"
+    asyncio.run(store.close())
