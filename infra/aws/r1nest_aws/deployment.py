@@ -224,6 +224,10 @@ class Deployment(pulumi.ComponentResource):
             protocol="-1", from_port=0, to_port=0, cidr_blocks=["0.0.0.0/0"],
             description="image, weights, SSM",
         )]
+        if self.planned.nodes > 1:
+            egress.append(aws.ec2.SecurityGroupEgressArgs(
+                protocol="-1", from_port=0, to_port=0, self=True, description="EFA: to the nodes of this deployment",
+            ))
         self.security_group = aws.ec2.SecurityGroup(
             f"{name}-nodes", vpc_id=self.vpc_id,
             description=f"r1nest nodes: port {GATEWAY_PORT} only; the engine port {ENGINE_PORT} is never open",
@@ -393,6 +397,9 @@ class Deployment(pulumi.ComponentResource):
             ami=ami_id,
             instance_type=planned.instance_type,
             iam_instance_profile=self.instance_profile.name,
+            # IMDSv2 only, one hop: the containers share the host's network namespace, so the
+            # gateway's boto3 (DynamoDB ledger) still reaches the role's credentials, and nothing
+            # behind a bridge or a proxy on the box can.
             metadata_options=aws.ec2.InstanceMetadataOptionsArgs(
                 http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=1,
                 instance_metadata_tags="disabled",

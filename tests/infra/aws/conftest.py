@@ -106,7 +106,7 @@ class StackRun:
 Plant = Callable[[Any], Any]
 
 
-def _run(config: dict[str, str], plant: Plant | None, region: str | None) -> StackRun:
+def _run(config: dict[str, str], plant: Plant | None, region: str | None, via_main: bool = False) -> StackRun:
     from pulumi.runtime import settings
 
     from r1nest_aws import program
@@ -125,7 +125,12 @@ def _run(config: dict[str, str], plant: Plant | None, region: str | None) -> Sta
     def body():
         if plant is not None:
             pulumi.runtime.register_stack_transformation(plant)
-        program.run()
+        if via_main:  # the file `pulumi up` runs
+            import runpy
+
+            runpy.run_path(str(INFRA_DIR / "__main__.py"), run_name="__main__")
+        else:
+            program.run()
         exported = dict(settings.get_root_resource().outputs)
 
         async def collect() -> None:
@@ -152,9 +157,9 @@ def _run(config: dict[str, str], plant: Plant | None, region: str | None) -> Sta
 @pytest.fixture
 def run_stack() -> Callable[..., StackRun]:
     def run(config: dict[str, str] | None = None, *, plant: Plant | None = None, region: str | None = REGION,
-            **overrides: str) -> StackRun:
+            via_main: bool = False, **overrides: str) -> StackRun:
         merged = dict(BASE_CONFIG if config is None else config)
         merged.update(overrides)
-        return _run(merged, plant, region)
+        return _run(merged, plant, region, via_main)
 
     return run

@@ -89,3 +89,8 @@ def test_a_plan_that_cannot_fit_stops_the_program_with_the_planners_reason(run_s
     with pytest.raises(pulumi.RunError) as caught:
         run_stack(model="deepseek-r1", instanceType="p5.48xlarge", nodes="1")
     assert "does not fit" in str(caught.value) and "2 x p5.48xlarge" in str(caught.value)
+
+
+def test_the_entry_point_pulumi_runs_exports_the_outputs(run_stack):
+    run = run_stack(via_main=True)
+    assert run.outputs["model"] == "deepseek-r1-distill-qwen-7b" and {"api_key", "admin_key"} <= run.secret_outputs

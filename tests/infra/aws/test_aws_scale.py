@@ -42,6 +42,10 @@ def multi_node_problems(run) -> list[str]:
     rules = policies.ingress_rules(run.resources)
     if not any(r.self_only and r.protocol == "-1" for r in rules):
         problems.append("no all-traffic rule between the nodes of the group")
+    for group in run.of("aws:ec2/securityGroup:SecurityGroup"):
+        if group.name.endswith("-nodes") and not any(e.get("self") and e.get("protocol") == "-1"
+                                                     for e in group.inputs.get("egress") or []):
+            problems.append(f"{group.name}: EFA needs an all-traffic egress rule to the group itself")
     return problems
 
 
@@ -56,7 +60,7 @@ def test_two_p5_nodes_get_a_cluster_placement_group_and_32_efa_interfaces(run_st
     assert policies.only_gateway_port_open(run.resources, allowed_cidrs=["203.0.113.0/24"], gateway_port=GATEWAY_PORT) == []
 
 
-@pytest.mark.parametrize("planted", ["spread", "no-efa"])
+@pytest.mark.parametrize("planted", ["spread", "no-efa", "no-self-egress"])
 def test_multi_node_check_reports_a_planted_violation(run_stack, planted):
     def transformation(args: pulumi.ResourceTransformationArgs):
         props = dict(args.props)
@@ -64,6 +68,8 @@ def test_multi_node_check_reports_a_planted_violation(run_stack, planted):
             props["strategy"] = "spread"
         elif planted == "no-efa" and args.type_ == "aws:ec2/networkInterface:NetworkInterface":
             props["interface_type"] = None
+        elif planted == "no-self-egress" and args.type_ == "aws:ec2/securityGroup:SecurityGroup":
+            props["egress"] = [e for e in props["egress"] if not pulumi.get(e, "self")]
         else:
             return None
         return pulumi.ResourceTransformationResult(props, args.opts)
