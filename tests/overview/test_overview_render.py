@@ -164,3 +164,18 @@ def test_recommended_settings_are_on_the_page(context):
     for text in ("temperature 0.6", "top_p 0.95", "No system prompt", r"\boxed{}", "&lt;think&gt;\\n",
                  "x-remaining-credits", "401", "406", "insufficient_credits"):
         assert text in html, text
+
+
+def test_the_mask_shows_nothing_of_the_secret():
+    from r1nest.keys import new_key
+
+    for _ in range(300):  # token_urlsafe secrets often contain "-" and "_"
+        key_id, key = new_key()
+        assert mask_key(key) == f"r1n-{key_id}-" + "•" * 12
+    key_id, admin = new_key("r1nadmin")
+    assert mask_key(admin) == f"r1nadmin-{key_id}-" + "•" * 12
+    assert mask_key("sk-proj-abc-def-ghijklmnop") == "•" * 16
+    dashed = "r1n-0123456789ab-" + "ab-cd_ef" * 5 + "xyz"
+    ctx = make_context(api_key=dashed)
+    html = render_overview(ctx)
+    assert "ab-cd" not in html.replace('<span class="key-value">' + dashed, "")

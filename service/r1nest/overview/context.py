@@ -15,6 +15,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from r1nest.errors import ConfigError
+from r1nest.keys import parse_key_id
 
 Phase = Literal["ready", "warming", "down", "draining", "unknown"]
 PHASES: tuple[str, ...] = ("ready", "warming", "down", "draining", "unknown")
@@ -128,8 +129,9 @@ class OverviewContext:
 
 
 def mask_key(key: str) -> str:
-    """The key with its secret part hidden: `r1n-<id>-` stays readable so keys can be told apart."""
-    head, sep, secret = key.rpartition("-")
-    if sep and head and len(secret) >= 8:
-        return head + "-" + "•" * 12
-    return key[:4] + "•" * 12
+    """The key with its secret hidden. An r1nest key keeps its public part (`r1n-<id>-`) so keys
+    can be told apart; any other key shows nothing of itself (its secret may contain dashes)."""
+    key_id = parse_key_id(key)
+    if key_id is not None:
+        return key[: key.index(key_id) + len(key_id) + 1] + "•" * 12
+    return "•" * 16
