@@ -376,7 +376,7 @@ class Deployment(pulumi.ComponentResource):
                     self.admin_key_parameter.name,
                     self.ledger_table.name if self.ledger_table is not None else None,
                 ).apply(lambda values, rank=rank: self._user_data(rank, *values))
-                instance = aws.ec2.Instance(node, opts=pulumi.ResourceOptions(parent=self, depends_on=[eip]),
+                instance = aws.ec2.Instance(node, opts=child,
                                             **self._instance_args(node, ami.id, eni, placement, user_data, replica, rank))
                 aws.ec2.EipAssociation(node, allocation_id=eip.allocation_id, network_interface_id=eni.id,
                                        opts=pulumi.ResourceOptions(parent=self, depends_on=[instance]))
@@ -414,7 +414,6 @@ class Deployment(pulumi.ComponentResource):
             placement_group=placement.id if placement is not None else None,
             tags={**self._tags, "Name": node, "r1nest:replica": str(replica), "r1nest:node-rank": str(rank),
                   "r1nest:role": "head" if rank == 0 else "worker"},
-            volume_tags=None,
         )
         if self.args.spot:
             instance_args["instance_market_options"] = aws.ec2.InstanceInstanceMarketOptionsArgs(
