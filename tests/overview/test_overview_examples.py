@@ -230,6 +230,7 @@ def test_examples_from_the_served_page_in_chromium_run_against_the_deployment(de
             reveal = page.query_selector("button[data-reveal]")
             if reveal is not None:
                 reveal.click()
+            shown_key = page.inner_text("#api-key") if page.query_selector("#api-key .key-value") else None
             examples = page.eval_on_selector_all(
                 "pre[data-example]", "els => Object.fromEntries(els.map(e => [e.dataset.example, e.innerText]))"
             )
@@ -242,9 +243,16 @@ def test_examples_from_the_served_page_in_chromium_run_against_the_deployment(de
             context.close()
 
     assert set(examples) == {"curl", "python", "javascript", "credits"}
-    # The gateway's page shows the deployment's key when it knows it; otherwise the examples read
-    # $OPENAI_API_KEY, and the page says so. Either way the text runs as shown.
-    env = clean_env(OPENAI_API_KEY=deployment.key)
+    # The gateway's page shows the deployment's key (data_dir/api_key) with its balance; a gateway
+    # that does not know it has examples that read $OPENAI_API_KEY, and says so. Either way the
+    # text runs as shown.
+    if shown_key is not None:
+        assert shown_key == deployment.key, "revealed, the key is the deployment's"
+        assert all(deployment.key in code for code in examples.values())
+        env = clean_env()
+    else:
+        assert all("OPENAI_API_KEY" in code for code in examples.values())
+        env = clean_env(OPENAI_API_KEY=deployment.key)
     names = ["curl", "python", "credits"]
     try:
         node_with_openai_or_skip()
