@@ -151,7 +151,10 @@ def test_reasoning_is_renamed_and_unasked_usage_dropped_byte_exact() -> None:
         b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":'
         b'[{"index":0,"delta":{"reasoning_content":"Let me think"},"logprobs":null,"finish_reason":null}]}'
     )
-    assert info.usage == sse.Usage(9, 3) and info.tokens == 1 and not info.is_usage_chunk
+    assert info.usage == sse.Usage(9, 3) and not info.is_usage_chunk
+    assert info.tokens == 0  # the engine counted them: usage says 3 so far
+    without_usage = VLLM_REASONING_CHUNK.replace(b',"usage":{"prompt_tokens":9,"total_tokens":12,"completion_tokens":3}', b"")
+    assert sse.rewrite_chunk(without_usage, keep_usage=False).tokens == 1
     kept = json.loads(sse.rewrite_chunk(VLLM_REASONING_CHUNK, keep_usage=True).payload)
     assert kept["usage"]["completion_tokens"] == 3
 
@@ -222,3 +225,18 @@ def test_fast_path_agrees_with_the_json_path(payload: bytes, keep_usage: bool) -
     assert (fast.usage, fast.tokens, fast.is_usage_chunk, fast.is_error) == (
         slow.usage, slow.tokens, slow.is_usage_chunk, slow.is_error
     )
+
+
+def test_partial_stream_pays_last_usage_plus_deltas_counted_after_it() -> None:
+    from r1nest.gateway.proxy import StreamTracker
+
+    tracker = StreamTracker(keep_usage=False)
+    head = b'{"id":"c","choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]'
+    tracker.take(head + b',"usage":{"prompt_tokens":5,"total_tokens":7,"completion_tokens":2}}')
+    tracker.take(head + b"}")
+    tracker.take(head + b"}")
+    assert tracker.usage() == (5, 4) and not tracker.complete
+    silent = StreamTracker(keep_usage=False)
+    for _ in range(3):
+        silent.take(head + b"}")
+    assert silent.usage() == (0, 3)

@@ -21,15 +21,14 @@ import json
 import logging
 from typing import Any
 
-import aiohttp
-
 from r1nest.errors import ApiError, BadRequest, PayloadTooLarge, Unavailable, UpstreamError
 from r1nest.gateway import sse
 from r1nest.gateway.exchange import SSE_HEADERS, Exchange
 from r1nest.gateway.interrupts import Interruptible
 from r1nest.gateway.metering import Ticket
 from r1nest.gateway.shaping import Shaped
-from r1nest.gateway.upstream import ResponseTooLarge, Upstream, UpstreamUnreachable
+from r1nest.gateway.http1 import ConnectionFailed, Response
+from r1nest.gateway.upstream import Upstream, UpstreamUnreachable
 
 log = logging.getLogger("r1nest.gateway.proxy")
 
@@ -80,7 +79,7 @@ async def forward_whole(exchange: Exchange, upstream: Upstream, path: str, shape
     try:
         async with asyncio.timeout(timeout_s):
             response = await upstream.post(path, sse.encode(shaped.body))
-    except (UpstreamUnreachable, ResponseTooLarge, TimeoutError):
+    except (UpstreamUnreachable, TimeoutError):
         exchange.remaining_credits = await ticket.void()
         raise UpstreamError("The engine could not be reached or did not answer in time.") from None
     except asyncio.CancelledError:  # drain deadline: nothing is known of the work done
@@ -118,7 +117,7 @@ class StreamTracker:
 
     def __init__(self, *, keep_usage: bool) -> None:
         self.keep_usage = keep_usage
-        self.tokens = 0  # deltas that carried generated text
+        self.tokens = 0  # generated tokens counted in deltas since the last usage report
         self.last_usage: sse.Usage | None = None
         self.final_usage: sse.Usage | None = None
         self.usage_payload: bytes | None = None
@@ -135,7 +134,7 @@ class StreamTracker:
             self.error = True
             return None
         if info.usage is not None:
-            self.last_usage = info.usage
+            self.last_usage, self.tokens = info.usage, 0
         self.tokens += info.tokens
         if info.is_usage_chunk:
             self.final_usage, self.usage_payload = info.usage, payload
@@ -149,23 +148,23 @@ class StreamTracker:
         last = self.last_usage
         if last is None:
             return 0, self.tokens
-        return last.prompt_tokens, max(last.completion_tokens, self.tokens)
+        return last.prompt_tokens, last.completion_tokens + self.tokens
 
     @property
     def complete(self) -> bool:
         return self.done and not self.error and not self.broken
 
 
-async def _pump(response: aiohttp.ClientResponse, exchange: Exchange, tracker: StreamTracker) -> None:
+async def _pump(response: Response, exchange: Exchange, tracker: StreamTracker) -> None:
     splitter = sse.EventSplitter()
     try:
-        async for data in response.content.iter_any():
+        async for data in response.iter_chunks():
             out = [event for event in map(tracker.take, splitter.feed(data)) if event is not None]
             if out:
                 await exchange.body(out[0] if len(out) == 1 else b"".join(out), more=True)
             if tracker.done or tracker.error:
                 return
-    except (aiohttp.ClientError, OSError, sse.StreamFormatError):
+    except (ConnectionFailed, sse.StreamFormatError):
         pass
     tracker.broken = True
 
@@ -187,7 +186,10 @@ async def forward_stream(
                 async with asyncio.timeout(timeout_s):
                     async with upstream.stream(path, sse.encode(shaped.body)) as response:
                         if response.status != 200:
-                            detail = await response.content.read(64 * 1024)
+                            try:
+                                detail = await response.read(64 * 1024)
+                            except ConnectionFailed:
+                                detail = b""
                             exchange.remaining_credits = await ticket.void()
                             raise engine_error(response.status, detail)
                         exchange.remaining_credits = ticket.reservation.remaining_credits

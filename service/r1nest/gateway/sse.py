@@ -128,7 +128,7 @@ def _choice_tokens(choice: dict[str, Any]) -> int:
 class ChunkInfo:
     payload: bytes | None  # what to forward (None: nothing)
     usage: Usage | None  # usage the engine reported in this chunk
-    tokens: int  # generated tokens this chunk carried (fallback when usage is missing)
+    tokens: int  # generated tokens this chunk carried, counted only when it reports no usage
     is_usage_chunk: bool  # the final `choices: []` chunk that only carries usage
     is_error: bool
 
@@ -144,6 +144,9 @@ _REASONING_CONTENT_KEY = b'"reasoning_content":'
 _USAGE_KEY = b',"usage":'
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens":(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":(\d+)')
+# vLLM's own layout of a usage object (continuous usage stats): read with one anchored match.
+_VLLM_USAGE_PREFIX = b',"usage":{"prompt_tokens":'
+_VLLM_USAGE = re.compile(rb',"usage":\{"prompt_tokens":(\d+),"total_tokens":\d+,"completion_tokens":(\d+)(?:,"[a-z_]+":null)*\}')
 _GENERATED = re.compile(rb'"(?:content|reasoning|reasoning_content|text)":"(?!")|"tool_calls":\[\{')
 
 
@@ -180,11 +183,16 @@ def rename_reasoning_bytes(payload: bytes) -> bytes | None:
 
 
 def _rewrite_fast(payload: bytes, keep_usage: bool) -> ChunkInfo | None:
-    if not payload.startswith(b'{"') or not payload.endswith(b"}") or b'"choices":[' not in payload:
+    if payload[:2] != b'{"' or payload[-1:] != b"}" or b'"choices":[' not in payload:
         return None  # error events and anything unusual take the JSON path
     usage: Usage | None = None
     span: tuple[int, int] | None = None
-    if b'"usage"' in payload:
+    at = payload.rfind(_VLLM_USAGE_PREFIX)
+    found = _VLLM_USAGE.match(payload, at) if at >= 0 else None
+    if found is not None:
+        span = found.span()
+        usage = Usage(int(found.group(1)), int(found.group(2)))
+    elif b'"usage"' in payload:
         span = _usage_span(payload)
         if span is None:
             return None
@@ -199,7 +207,7 @@ def _rewrite_fast(payload: bytes, keep_usage: bool) -> ChunkInfo | None:
         if _REASONING_CONTENT_KEY in out:
             return None
         out = out.replace(_REASONING_KEY, _REASONING_CONTENT_KEY)
-    return ChunkInfo(out, usage, len(_GENERATED.findall(out)), False, False)
+    return ChunkInfo(out, usage, 0 if usage is not None else len(_GENERATED.findall(out)), False, False)
 
 
 def rewrite_chunk(payload: bytes, *, keep_usage: bool) -> ChunkInfo:
@@ -236,7 +244,8 @@ def rewrite_chunk_json(payload: bytes, *, keep_usage: bool) -> ChunkInfo:
     for choice in choices:
         if not isinstance(choice, dict):
             continue
-        tokens += _choice_tokens(choice)
+        if usage is None:
+            tokens += _choice_tokens(choice)
         for field in ("delta", "message"):
             container = choice.get(field)
             if isinstance(container, dict) and rename_reasoning(container):

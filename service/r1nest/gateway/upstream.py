@@ -12,8 +12,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator
 
-import aiohttp
-from yarl import URL
+from r1nest.gateway.http1 import ConnectionFailed, Pool, Response
 
 if TYPE_CHECKING:
     from r1nest.gateway.state import EngineState
@@ -34,10 +33,6 @@ class UpstreamUnreachable(Exception):
     """The engine could not be reached or broke the connection."""
 
 
-class ResponseTooLarge(Exception):
-    pass
-
-
 @dataclass(frozen=True, slots=True)
 class UpstreamResponse:
     status: int
@@ -49,78 +44,57 @@ class Upstream:
 
     def __init__(self, config: UpstreamConfig, *, read_timeout_s: float, max_connections: int = 1024) -> None:
         self.config = config
-        self._base = URL(config.url.rstrip("/"))
         self._read_timeout_s = read_timeout_s
         self._max_connections = max_connections
-        self._headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        headers = b"Content-Type: application/json\r\nAccept-Encoding: identity\r\n"
         if config.api_key:
-            self._headers["Authorization"] = f"Bearer {config.api_key}"
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, URL] = {}
+            headers += b"Authorization: Bearer " + config.api_key.encode("latin-1") + b"\r\n"
+        self._headers = headers
+        self._pool: Pool | None = None
 
     async def start(self) -> None:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S, sock_read=self._read_timeout_s),
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent",),
-            )
+        if self._pool is None:
+            self._pool = Pool(self.config.url, max_connections=self._max_connections, connect_timeout_s=CONNECT_TIMEOUT_S)
+            self._pool.extra_headers = self._headers
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _url(self, path: str) -> URL:
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = self._base.with_path(self._base.path.rstrip("/") + path)
-        return url
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def pool(self) -> Pool:
+        if self._pool is None:
             raise RuntimeError("Upstream.start() was not called")
-        return self._session
+        return self._pool
 
     async def post(self, path: str, body: bytes) -> UpstreamResponse:
         """POST a JSON body and read the whole answer (bounded)."""
         try:
-            async with self.session.post(self._url(path), data=body, headers=self._headers) as response:
-                if response.content_length is not None and response.content_length > MAX_RESPONSE_BYTES:
-                    raise ResponseTooLarge
-                data = await response.content.read(MAX_RESPONSE_BYTES + 1)
-                if len(data) > MAX_RESPONSE_BYTES:
-                    raise ResponseTooLarge
-                return UpstreamResponse(response.status, data)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise UpstreamUnreachable(type(exc).__name__) from None
+            async with await self.pool.request("POST", path, body) as response:
+                return UpstreamResponse(response.status, await response.read(MAX_RESPONSE_BYTES))
+        except ConnectionFailed as exc:
+            raise UpstreamUnreachable(str(exc)) from None
 
     @contextlib.asynccontextmanager
-    async def stream(self, path: str, body: bytes) -> AsyncIterator[aiohttp.ClientResponse]:
-        """POST and hand back the response while its body streams in. Leaving the block before
-        the end closes the connection (the engine aborts the request)."""
+    async def stream(self, path: str, body: bytes) -> AsyncIterator[Response]:
+        """POST and hand back the response while its body streams in (`iter_chunks()`). Leaving
+        the block before the end closes the connection (the engine aborts the request)."""
         try:
-            response = await self.session.post(self._url(path), data=body, headers=self._headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise UpstreamUnreachable(type(exc).__name__) from None
+            response = await self.pool.request("POST", path, body)
+        except ConnectionFailed as exc:
+            raise UpstreamUnreachable(str(exc)) from None
         try:
             yield response
         finally:
-            if response.content.at_eof():
-                response.release()
-            else:
-                response.close()
+            response.release()
 
     async def get(self, path: str) -> UpstreamResponse:
         try:
-            async with self.session.get(
-                self._url(path), headers=self._headers, timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
-            ) as response:
-                return UpstreamResponse(response.status, await response.content.read(1024 * 1024))
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                async with await self.pool.request("GET", path) as response:
+                    return UpstreamResponse(response.status, await response.read(1024 * 1024))
+        except (ConnectionFailed, TimeoutError) as exc:
             raise UpstreamUnreachable(type(exc).__name__) from None
 
     async def healthy(self) -> bool:
