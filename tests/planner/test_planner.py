@@ -250,3 +250,20 @@ def test_plan_json_is_complete() -> None:
     # experts are sharded over the 8 GPUs of each pipeline stage
     assert data["parallelism"] == {"tp": 8, "pp": 2, "dp": 1, "ep": 8}
     assert isinstance(data["cost_microusd_per_hour"], int)
+
+
+@pytest.mark.parametrize(
+    "hardware_class,instance",
+    [("blackwell", "p6-b200.48xlarge"), ("hopper", "p5en.48xlarge")],
+)
+def test_hardware_class_restricts_the_choice(hardware_class: str, instance: str) -> None:
+    p = plan("deepseek-r1", "aws", hardware_class=hardware_class)  # type: ignore[arg-type]
+    assert p.instance_type == instance and p.hardware_class == hardware_class
+    if hardware_class == "blackwell":
+        args = p.profile.args
+        assert args[args.index("--attention-backend") + 1] == "FLASHINFER_MLA"
+
+
+def test_r1_refused_on_ampere_class() -> None:
+    with pytest.raises(PlanError):
+        plan("deepseek-r1", "aws", hardware_class="ampere")

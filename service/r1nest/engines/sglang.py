@@ -24,7 +24,9 @@ MTP_ARGS = (
     "--speculative-eagle-topk", "1",
     "--speculative-num-draft-tokens", "2",
 )
-ATTENTION_BACKEND: dict[str, str] = {"blackwell": "trtllm_mla", "mi300x": "aiter"}
+# Named only where the choice matters for FP8 KV on MLA; elsewhere SGLang's own default
+# (FA3 on Hopper, aiter on ROCm) is left alone.
+ATTENTION_BACKEND: dict[str, str] = {"blackwell": "trtllm_mla"}
 
 
 def sglang_profile(
