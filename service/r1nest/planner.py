@@ -195,11 +195,9 @@ def _layouts(model: ModelSpec, opt: _Option, engine: EngineName, mode: Mode | No
     if model.is_moe:
         latency = _Layout(g, n, 1, "latency") if engine == "vllm" else _Layout(g * n, 1, 1, "latency")
         throughput = _Layout(1, 1, g * n, "throughput")
-        if mode == "latency":
-            return [latency]
-        if mode == "throughput":
-            return [throughput]
-        return [latency, throughput]
+        layouts = [lay for lay in (latency, throughput) if mode in (None, lay.mode)]
+        # attention heads must divide evenly over the tensor-parallel ranks
+        return [lay for lay in layouts if model.num_attention_heads % lay.tp == 0]
     # dense: one node; the smallest tensor-parallel group that fits, the rest data parallel
     layouts = []
     tp = 1
@@ -210,7 +208,7 @@ def _layouts(model: ModelSpec, opt: _Option, engine: EngineName, mode: Mode | No
             layouts.append(_Layout(tp, 1, g // tp, "latency" if g // tp == 1 else "throughput"))
         tp *= 2
     if mode == "latency":
-        layouts = [l for l in layouts if l.dp == 1] or layouts[-1:]
+        layouts = [lay for lay in layouts if lay.dp == 1] or layouts[-1:]
     return layouts
 
 
@@ -349,9 +347,12 @@ def plan(
                   f"concurrent sequences on {top.option.label}, fewer than the {concurrency} asked for.")
     else:
         reasons = sorted({f"{f.option.label} {_layout_label(f.layout)}: {f.reason}" for f in fits})
+        if not reasons:
+            reasons = [f"no layout of the GPUs asked for divides {spec.id}'s "
+                       f"{spec.num_attention_heads} attention heads evenly"]
         reason = (f"{spec.id} ({spec.weight_bytes / 1e12:.2f} TB of {spec.weight_dtype.upper()} "
                   f"weights) does not fit " + ("the hardware asked for" if constrained else f"any {cloud} option")
-                  + ". " + "; ".join(reasons[:4]) + ("." if reasons else ""))
+                  + ". " + "; ".join(reasons[:4]) + ".")
     raise PlanError(reason, _alternatives(spec, cloud, engine, ctx, concurrency, mode, exclude=fits))
 
 
