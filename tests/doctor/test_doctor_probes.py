@@ -39,11 +39,20 @@ def test_disk_probe_counts_what_the_hub_cache_already_holds(tmp_path: Path) -> N
     assert HfCacheDiskProbe(tmp_path / "not-yet" / "hub").disk("org/name").cached_bytes == 0
 
 
-def _doctor(*args: str) -> subprocess.CompletedProcess[str]:
+def _doctor(*args: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("R1NEST_")}
     env["CUDA_VISIBLE_DEVICES"] = ""  # this machine's answer must not depend on a stray GPU
-    return subprocess.run([sys.executable, "-m", "r1nest", "doctor", *args], capture_output=True,
-                          text=True, timeout=300, env=env, check=False)
+    return subprocess.Popen([sys.executable, "-m", "r1nest", "doctor", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+    return process.returncode, out, err
 
 
 @pytest.mark.engine
@@ -55,17 +64,17 @@ def test_cli_on_a_box_without_gpu(tmp_path: Path) -> None:
         "model_type": "deepseek_v3", "num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64,
         "max_position_embeddings": 2048, "kv_lora_rank": 32, "qk_rope_head_dim": 16,
         "n_routed_experts": 4, "num_experts_per_tok": 2}))
-    ok = _doctor("--model", str(tiny), "--json")
-    assert ok.returncode == 0, ok.stdout + ok.stderr
-    data = json.loads(ok.stdout)
+    ok, refused = _doctor("--model", str(tiny), "--json"), _doctor("--model", "deepseek-r1-distill-qwen-7b")
+    (ok_rc, ok_out, ok_err), (refused_rc, refused_out, refused_err) = _finish(ok), _finish(refused)
+    assert ok_rc == 0, ok_out + ok_err
+    data = json.loads(ok_out)
     assert data["schema_version"] == 1 and data["ok"] is True
     assert data["hardware"]["gpu_count"] == 0 and data["hardware"]["class"] == "cpu"
     assert data["kernels"]["modules"]["engine"] is True
 
-    refused = _doctor("--model", "deepseek-r1-distill-qwen-7b")
-    assert refused.returncode == 1
-    assert "no GPU found" in refused.stdout
-    assert "Traceback" not in refused.stdout + refused.stderr
+    assert refused_rc == 1
+    assert "no GPU found" in refused_out
+    assert "Traceback" not in refused_out + refused_err
 
 
 def test_network_probe_reads_sysfs_and_device_nodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
