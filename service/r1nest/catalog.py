@@ -18,7 +18,7 @@ tiny random-weight test models that `r1nest dev tiny-model` writes).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -385,7 +385,3 @@ def spec_from_config(
         **common,  # type: ignore[arg-type]
     )
 
-
-def with_overrides(spec: ModelSpec, **changes: object) -> ModelSpec:
-    """A copy of a spec with some fields changed (e.g. a deployment's own context)."""
-    return replace(spec, **changes)  # type: ignore[arg-type]
