@@ -263,28 +263,36 @@ def serve():
     threading.Thread(target=_watch, args=(engine_process, gateway_process), daemon=True).start()
 
 
-def _watch(engine_process, gateway_process, poll_s: float = 5.0):
-    import time
+def _gateway_ready() -> bool:
     import urllib.error
     import urllib.request
 
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    ready = False
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{GATEWAY_PORT}/health", timeout=5) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):  # 503 while warming is an HTTPError, a URLError
+        return False
+
+
+def _watch(engine_process, gateway_process, *, ready=_gateway_ready, leave=os._exit,
+           deadline_s: float = STARTUP_TIMEOUT_S, poll_s: float = 5.0, clock=None, sleep=None):
+    """Return only by leaving the container: when a process dies, or the engine is late."""
+    import time
+
+    clock, sleep = clock or time.monotonic, sleep or time.sleep
+    deadline = clock() + deadline_s
+    is_ready = False
     while True:
         for name, process in (("engine", engine_process), ("gateway", gateway_process)):
             if process.poll() is not None:
                 print(f"the {name} exited with status {process.returncode}: stopping this container", flush=True)
-                os._exit(1)
-        if not ready:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{GATEWAY_PORT}/health", timeout=5) as resp:
-                    ready = resp.status == 200
-            except (urllib.error.URLError, OSError):
-                pass
-            if not ready and time.monotonic() > deadline:
-                print(f"the engine was not ready after {STARTUP_TIMEOUT_S} s: stopping this container", flush=True)
-                os._exit(1)
-        time.sleep(poll_s)
+                leave(1)
+        if not is_ready:
+            is_ready = ready()
+            if not is_ready and clock() > deadline:
+                print(f"the engine was not ready after {deadline_s:.0f} s: stopping this container", flush=True)
+                leave(1)
+        sleep(poll_s)
 
 
 # ## Deploy, then try it

@@ -165,3 +165,9 @@ def test_the_build_context_sends_only_what_the_image_copies(engine: str) -> None
     copied |= {a.rstrip("/") for kw, args in instructions(IMAGES[engine]) if kw == "COPY" for a in args.split()[:-1]}
     allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
     assert copied == allowed
+
+
+def test_the_readme_lists_the_pins_the_dockerfiles_use() -> None:
+    readme = (REPO / "images" / "README.md").read_text()
+    for engine, path in IMAGES.items():
+        assert f"`{one(path, 'FROM')}`" in readme, f"images/README.md does not list {engine}'s pinned base"

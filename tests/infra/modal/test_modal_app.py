@@ -182,3 +182,62 @@ def test_the_container_side_import_plans_the_same(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     expected = plan("deepseek-r1-distill-qwen-7b", "modal")
     assert done.stdout.split() == [expected.modal_gpu, str(expected.max_concurrency)]
+
+
+class FakeProcess:
+    def __init__(self, exits_after_polls: int | None = None, returncode: int = 1) -> None:
+        self.polls = 0
+        self.exits_after_polls = exits_after_polls
+        self.returncode: int | None = None
+        self._code = returncode
+
+    def poll(self) -> int | None:
+        self.polls += 1
+        if self.exits_after_polls is not None and self.polls > self.exits_after_polls:
+            self.returncode = self._code
+        return self.returncode
+
+
+class Left(Exception):
+    pass
+
+
+def _leave(status: int) -> None:
+    raise Left(status)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_the_container_leaves_when_the_engine_dies(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_app(monkeypatch, "deepseek-r1-distill-qwen-1.5b")
+    clock = Clock()
+    engine = FakeProcess(exits_after_polls=3)
+    with pytest.raises(Left):
+        module._watch(engine, FakeProcess(), ready=lambda: True, leave=_leave, clock=clock, sleep=clock.sleep)
+    assert engine.polls == 4
+
+
+def test_the_container_leaves_when_the_engine_is_late_and_stays_once_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_app(monkeypatch, "deepseek-r1-distill-qwen-1.5b")
+    clock = Clock()
+    with pytest.raises(Left):
+        module._watch(FakeProcess(), FakeProcess(), ready=lambda: False, leave=_leave, deadline_s=60,
+                      poll_s=5, clock=clock, sleep=clock.sleep)
+    assert 60 < clock.now <= 70
+
+    clock = Clock()
+    answers = iter([False, False, True])
+    gateway = FakeProcess(exits_after_polls=100)  # ends the loop long after the deadline
+    with pytest.raises(Left):
+        module._watch(FakeProcess(), gateway, ready=lambda: next(answers), leave=_leave, deadline_s=60,
+                      poll_s=5, clock=clock, sleep=clock.sleep)
+    assert clock.now > 60  # ready in time: the deadline no longer applies
