@@ -67,6 +67,18 @@ def ensure_admin_key(settings: Settings) -> str:
         raise ConfigError(f"cannot read or create the admin key in {data_dir}: {exc.strerror}") from None
 
 
+def read_admin_key(settings: Settings) -> str | None:
+    """The admin key if one is configured or already stored; never generates one (for clients
+    such as `r1nest keys --url`, which must not invent a key the gateway does not know)."""
+    if settings.admin_key is not None:
+        return settings.admin_key.get_secret_value().strip() or None
+    path = Path(settings.data_dir) / ADMIN_KEY_FILE
+    try:
+        return _read_admin_key(path) if path.exists() else None
+    except OSError:
+        return None
+
+
 def _write_new_admin_key(path: Path) -> None:
     # Written whole into a private temporary file, then linked into place: a reader never sees
     # a half-written key, and when two processes race, the first link wins and both read it.

@@ -66,11 +66,15 @@ def moto_dynamodb_server() -> Iterator[str]:
     )
     from werkzeug.serving import make_server
 
+    class QuietHandler(MotoRequestHandler):
+        def log_request(self, *args: Any, **kwargs: Any) -> None:
+            pass  # one line per request drowns test output
+
     class SerializedMotoServer(ThreadedMotoServer):
         def _server_entry(self) -> None:
             app = _OneRequestAtATime(DomainDispatcherApplication(create_backend_app))
             self._server = make_server(
-                self._ip_address, self._port, app, True, request_handler=MotoRequestHandler
+                self._ip_address, self._port, app, True, request_handler=QuietHandler
             )
             self._server_ready_event.set()
             self._server.serve_forever()

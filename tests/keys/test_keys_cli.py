@@ -1,0 +1,246 @@
+"""`r1nest keys` against the local store (a temporary data dir) and against a running gateway's
+admin API (`--url`): the real gateway app on uvicorn on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from r1nest.accounts import authenticate
+from r1nest.errors import ConfigError, R1nestError, UnknownKey
+from r1nest.keys_cli import keys
+from r1nest.ledger.sqlite import SqliteStore
+
+ADMIN_KEY = "r1nadmin-0b0b0b0b0b0b-" + "B" * 43
+
+
+def invoke(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(keys, [*args, "--data-dir", str(data_dir)], env=env)
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.stdout
+
+
+def in_store(data_dir: Path, operation):
+    async def run():
+        store = SqliteStore(data_dir / "ledger.sqlite3")
+        try:
+            return await operation(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+# local store --------------------------------------------------------------------------------
+
+
+def test_create_prints_a_working_key_once(tmp_path: Path) -> None:
+    out = ok(invoke(tmp_path, "create", "--credits", "500", "--name", "alice"))
+    key = out.strip().splitlines()[-1]
+    record = in_store(tmp_path, lambda s: authenticate(s, key, now=time.time()))
+    assert record is not None and record.name == "alice" and record.remaining_credits == 500
+    assert f"Created key {record.key_id} (alice) with 500 credits." in out
+    listing = ok(invoke(tmp_path, "list")) + ok(invoke(tmp_path, "list", "--json"))
+    secret = key.rsplit("-", 1)[1]
+    assert secret not in listing and record.key_hash not in listing
+    assert secret.encode() not in (tmp_path / "ledger.sqlite3").read_bytes()
+
+
+def test_create_json_has_exactly_id_key_and_credits(tmp_path: Path) -> None:
+    created = json.loads(ok(invoke(tmp_path, "create", "--credits", "42", "--json")))
+    assert set(created) == {"id", "key", "remaining_credits"}
+    assert created["remaining_credits"] == 42
+    assert created["key"].startswith(f"r1n-{created['id']}-")
+
+
+def test_create_with_expiry(tmp_path: Path) -> None:
+    created = json.loads(ok(invoke(tmp_path, "create", "--credits", "1", "--expires-in", "2", "--json")))
+    listed = json.loads(ok(invoke(tmp_path, "list", "--json")))["data"]
+    assert listed[0]["expires_at"] == pytest.approx(time.time() + 2 * 86_400, abs=60)
+    record = in_store(tmp_path, lambda s: authenticate(s, created["key"], now=time.time() + 3 * 86_400))
+    assert record is None  # expired by then
+
+
+def test_list_shows_keys_without_secrets(tmp_path: Path) -> None:
+    assert "No keys yet" in ok(invoke(tmp_path, "list"))
+    first = json.loads(ok(invoke(tmp_path, "create", "--credits", "10", "--name", "a", "--json")))
+    second = json.loads(ok(invoke(tmp_path, "create", "--credits", "20", "--json")))
+    ok(invoke(tmp_path, "revoke", second["id"]))
+    data = json.loads(ok(invoke(tmp_path, "list", "--json")))["data"]
+    assert [(d["id"], d["remaining_credits"], d["revoked"]) for d in data] == [
+        (first["id"], 10, False), (second["id"], 20, True),
+    ]
+    assert set(data[0]) == {"id", "name", "created_at", "expires_at", "revoked", "remaining_credits"}
+    text = ok(invoke(tmp_path, "list"))
+    assert text.splitlines()[0].split() == ["ID", "NAME", "CREDITS", "CREATED", "EXPIRES", "STATUS"]
+    assert "revoked" in text and "active" in text
+    assert first["key"] not in text and second["key"] not in text
+
+
+def test_revoke_stops_the_key(tmp_path: Path) -> None:
+    created = json.loads(ok(invoke(tmp_path, "create", "--credits", "10", "--json")))
+    assert ok(invoke(tmp_path, "revoke", created["id"])).strip() == f"Revoked key {created['id']}."
+    assert in_store(tmp_path, lambda s: authenticate(s, created["key"], now=time.time())) is None
+
+
+def test_topup_is_idempotent_per_idempotency_key(tmp_path: Path) -> None:
+    key_id = json.loads(ok(invoke(tmp_path, "create", "--credits", "10", "--json")))["id"]
+    first = json.loads(ok(invoke(tmp_path, "topup", key_id, "5", "--idempotency-key", "order-17", "--json")))
+    again = json.loads(ok(invoke(tmp_path, "topup", key_id, "5", "--idempotency-key", "order-17", "--json")))
+    assert first == again == {"id": key_id, "remaining_credits": 15, "idempotency_key": "order-17"}
+    out = ok(invoke(tmp_path, "topup", key_id, "7"))
+    assert f"Key {key_id} now has 22 credits." in out
+    generated = out.split("Idempotency key: ")[1].split()[0]
+    assert len(generated) == 36  # a uuid, printed so a retry can reuse it
+    retried = json.loads(ok(invoke(tmp_path, "topup", key_id, "7", "--idempotency-key", generated, "--json")))
+    assert retried["remaining_credits"] == 22
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["create", "--credits", "-5"],
+        ["create", "--credits", "lots"],
+        ["create", "--credits", str(2**53)],
+        ["create"],
+        ["create", "--credits", "1", "--expires-in", "0"],
+        ["create", "--credits", "1", "--name", "n" * 201],
+        ["topup", "0123456789ab", "0"],
+        ["topup", "0123456789ab", "1.5"],
+        ["topup", "0123456789ab", "1", "--idempotency-key", "has space"],
+        ["revoke", "not-an-id"],
+        ["topup", "ABCDEF012345", "3"],
+    ],
+)
+def test_bad_input_is_a_usage_error(tmp_path: Path, args: list[str]) -> None:
+    result = invoke(tmp_path, *args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_whole_key_in_place_of_an_id_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    key = json.loads(ok(invoke(tmp_path, "create", "--credits", "1", "--json")))["key"]
+    result = invoke(tmp_path, "revoke", key)
+    assert result.exit_code == 2
+    assert "not the key itself" in result.output and key not in result.output
+
+
+@pytest.mark.parametrize("command", [["revoke", "000000000000"], ["topup", "000000000000", "5"]])
+def test_unknown_id_is_a_clear_error(tmp_path: Path, command: list[str]) -> None:
+    result = invoke(tmp_path, *command)
+    assert isinstance(result.exception, UnknownKey)
+    assert str(result.exception) == "no key with id 000000000000"
+
+
+def test_errors_reach_the_user_as_one_line_without_a_traceback(tmp_path: Path) -> None:
+    """Through the real entry point: `error: ...` on stderr, exit 1, no stack trace."""
+    done = subprocess.run(
+        [sys.executable, "-m", "r1nest", "keys", "revoke", "000000000000", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: no key with id 000000000000"
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+# a gateway's admin API (--url) -----------------------------------------------------------------
+
+
+@pytest.fixture
+def gateway_url(tmp_path: Path) -> Iterator[tuple[str, SqliteStore]]:
+    from r1nest.gateway.app import create_app
+    from r1nest.gateway.upstream import UpstreamConfig
+    from r1nest.settings import Settings
+    from r1nest.testing.asgi_server import ServedApp
+
+    settings = Settings(data_dir=tmp_path / "gateway")
+    store = SqliteStore(settings.ledger_path)
+    app = create_app(
+        settings=settings, store=store, upstream=UpstreamConfig(url="http://127.0.0.1:9", served_model="m"),
+        admin_key=ADMIN_KEY,
+    )
+    with ServedApp(app) as served:
+        yield served.url, store
+        served.call(store.close())
+
+
+def remote(tmp_path: Path, url: str, *args: str, admin_key: str | None = ADMIN_KEY) -> Result:
+    env = {"R1NEST_ADMIN_KEY": admin_key} if admin_key else {}
+    return invoke(tmp_path / "client", *args, "--url", url, env=env)
+
+
+def test_admin_api_round_trip(tmp_path: Path, gateway_url) -> None:
+    url, _ = gateway_url
+    created = json.loads(ok(remote(tmp_path, url, "create", "--credits", "100", "--name", "bob", "--json")))
+    assert set(created) == {"id", "key", "remaining_credits"} and created["remaining_credits"] == 100
+    key_id = created["id"]
+
+    topped = json.loads(ok(remote(tmp_path, url, "topup", key_id, "11", "--idempotency-key", "inv-1", "--json")))
+    assert topped["remaining_credits"] == 111
+    again = json.loads(ok(remote(tmp_path, url, "topup", key_id, "11", "--idempotency-key", "inv-1", "--json")))
+    assert again["remaining_credits"] == 111  # the gateway saw the same Idempotency-Key
+
+    listed = ok(remote(tmp_path, url, "list", "--json"))
+    assert created["key"] not in listed
+    assert json.loads(listed)["data"][0]["remaining_credits"] == 111
+    assert ok(remote(tmp_path, url, "revoke", key_id)).strip() == f"Revoked key {key_id}."
+    assert json.loads(ok(remote(tmp_path, url, "list", "--json")))["data"][0]["revoked"] is True
+    # the key really works against the gateway until revoked; now it is refused
+    import httpx
+
+    credits = httpx.get(url + "/v1/credits", headers={"Authorization": f"Bearer {created['key']}"})
+    assert credits.status_code == 401
+    assert not (tmp_path / "client" / "ledger.sqlite3").exists()  # --url never opened a local store
+
+
+def test_admin_api_errors(tmp_path: Path, gateway_url) -> None:
+    url, _ = gateway_url
+    unknown = remote(tmp_path, url, "revoke", "000000000000")
+    assert isinstance(unknown.exception, UnknownKey)
+    wrong = remote(tmp_path, url, "list", admin_key="r1nadmin-0c0c0c0c0c0c-" + "C" * 43)
+    assert isinstance(wrong.exception, R1nestError) and "refused the admin key" in str(wrong.exception)
+    missing = remote(tmp_path, url, "list", admin_key=None)
+    assert isinstance(missing.exception, ConfigError) and "R1NEST_ADMIN_KEY" in str(missing.exception)
+    topup = remote(tmp_path, url, "topup", "000000000000", "5", "--idempotency-key", "k1")
+    assert isinstance(topup.exception, UnknownKey)
+
+
+def test_unreachable_url_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = remote(tmp_path, f"http://127.0.0.1:{port}", "list")
+    assert isinstance(result.exception, R1nestError)
+    assert f"cannot reach the gateway at http://127.0.0.1:{port}" in str(result.exception)
+    topup = remote(tmp_path, f"http://127.0.0.1:{port}", "topup", "0123456789ab", "5", "--idempotency-key", "k9")
+    assert "retry safely with --idempotency-key k9" in str(topup.exception)
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com", "example.com", "http://user:pw@host.example"])
+def test_bad_url_is_a_config_error(tmp_path: Path, url: str) -> None:
+    result = remote(tmp_path, url, "list")
+    assert isinstance(result.exception, ConfigError)
+    assert "pw" not in str(result.exception)
+
+
+def test_a_url_without_an_admin_api_is_named(tmp_path: Path) -> None:
+    from starlette.applications import Starlette
+
+    from r1nest.testing.asgi_server import ServedApp
+
+    with ServedApp(Starlette()) as served:
+        result = remote(tmp_path, served.url, "list")
+    assert "is this an r1nest gateway?" in str(result.exception)

@@ -1,0 +1,190 @@
+"""DynamoDB specifics: two gateway processes racing on one table, the table's shape (TTL, sparse
+pending index), and what is stored about a key."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from r1nest.accounts import authenticate, create_api_key
+from r1nest.ledger.dynamodb import PENDING_INDEX, TTL_ATTRIBUTE, DynamoStore, create_table, make_client, table_spec
+from r1nest.testing.dynamodb import FAKE_AWS_ENV, REGION
+
+from .conftest import new_table_name
+
+T0 = 1_700_000_000.0
+KEY_ID = "0123456789ab"
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from r1nest.errors import InsufficientCredits
+    from r1nest.ledger.dynamodb import DynamoStore
+
+    table, endpoint, key_id, attempts, t0 = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+
+    async def main():
+        store = DynamoStore(table, "us-east-1", endpoint_url=endpoint)
+        print("ready", flush=True)
+        sys.stdin.readline()  # both processes start together
+
+        async def reserve():
+            try:
+                return await store.reserve(key_id, 25, ttl_s=600, now=t0)
+            except InsufficientCredits:
+                return None
+
+        made = [r for r in await asyncio.gather(*[reserve() for _ in range(attempts)]) if r]
+        # settle each at a charge of its own: 0..25 credits
+        charges = [i % 26 for i in range(len(made))]
+        await asyncio.gather(*[store.settle(r.reservation_id, c, now=t0) for r, c in zip(made, charges)])
+        await store.close()
+        print(json.dumps({"made": len(made), "charged": sum(charges),
+                          "lowest_remaining": min((r.remaining_credits for r in made), default=0)}), flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.fixture
+async def server_store(fake_aws, moto_endpoint):
+    table = new_table_name()
+    create_table(table, REGION, endpoint_url=moto_endpoint)
+    store = DynamoStore(table, REGION, endpoint_url=moto_endpoint)
+    yield store, table, moto_endpoint
+    await store.close()
+
+
+async def test_two_processes_racing_200_reservations_never_overspend(server_store, tmp_path: Path) -> None:
+    """Issue 7: two gateway processes share one table; 200 reservations at once, 60 affordable."""
+    store, table, endpoint = server_store
+    affordable = 60
+    initial = affordable * 25 + 13
+    await store.create_key(key_id=KEY_ID, key_hash="f" * 64, name="t", credits=initial, expires_at=None, now=T0)
+
+    env = {**os.environ, **FAKE_AWS_ENV}
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, table, endpoint, KEY_ID, "100", str(T0)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for child in children:
+            assert child.stdout.readline().strip() == "ready", child.stderr.read()[-2000:]
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        outputs = [child.communicate(timeout=120) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+    for child, (out, err) in zip(children, outputs):
+        assert child.returncode == 0, err[-2000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+    assert sum(r["made"] for r in results) == affordable  # not one more, not one less
+    assert all(r["made"] > 0 for r in results)  # both processes really raced
+    assert all(r["lowest_remaining"] >= 0 for r in results)
+    charged = sum(r["charged"] for r in results)
+    balance = await store.balance(KEY_ID)
+    assert balance == initial - charged
+    postings = await store.postings(KEY_ID)
+    assert sum(p.credits for p in postings) == balance
+    assert sum(1 for p in postings if p.kind == "reserve") == affordable
+    assert sum(1 for p in postings if p.kind == "settle") == affordable
+
+
+async def test_table_has_ttl_and_a_sparse_pending_index(server_store) -> None:
+    store, table, endpoint = server_store
+    client = make_client(REGION, endpoint)
+    ttl = client.describe_time_to_live(TableName=table)["TimeToLiveDescription"]
+    assert (ttl["AttributeName"], ttl["TimeToLiveStatus"]) == (TTL_ATTRIBUTE, "ENABLED")
+
+    await store.create_key(key_id=KEY_ID, key_hash="f" * 64, name="t", credits=100, expires_at=None, now=T0)
+    reservation = await store.reserve(KEY_ID, 10, ttl_s=60, now=T0)
+    key = {"pk": {"S": f"res#{reservation.reservation_id}"}, "sk": {"S": "res"}}
+    item = client.get_item(TableName=table, Key=key)["Item"]
+    assert "pending_shard" in item
+    # TTL must never delete a reservation before the sweeper can void it
+    assert int(item[TTL_ATTRIBUTE]["N"]) >= reservation.expires_at + 86_400
+
+    def pending_in_index() -> int:
+        return sum(
+            client.query(
+                TableName=table, IndexName=PENDING_INDEX,
+                KeyConditionExpression="pending_shard = :s",
+                ExpressionAttributeValues={":s": {"S": str(shard)}},
+            )["Count"]
+            for shard in range(8)
+        )
+
+    assert pending_in_index() == 1
+    await store.settle(reservation.reservation_id, 4, now=T0 + 1)
+    item = client.get_item(TableName=table, Key=key)["Item"]
+    assert "pending_shard" not in item and item["state"]["S"] == "settled"
+    assert item["credits_charged"]["N"] == "4"
+    assert pending_in_index() == 0
+
+
+def test_table_spec_is_plain_data_for_infrastructure_code() -> None:
+    spec = table_spec()
+    json.dumps(spec)  # the Pulumi program and the Modal app read it
+    assert {k["AttributeName"] for k in spec["KeySchema"]} == {"pk", "sk"}
+    defined = {a["AttributeName"] for a in spec["AttributeDefinitions"]}
+    keyed = {k["AttributeName"] for k in spec["KeySchema"]} | {
+        k["AttributeName"] for index in spec["GlobalSecondaryIndexes"] for k in index["KeySchema"]
+    }
+    assert defined == keyed  # DynamoDB refuses definitions that no key uses
+    assert spec["BillingMode"] == "PAY_PER_REQUEST"
+
+
+async def test_only_the_key_hash_is_stored(server_store) -> None:
+    store, table, endpoint = server_store
+    record, plaintext = await create_api_key(store, name="alice", credits=10, now=T0)
+    assert await authenticate(store, plaintext, now=T0) == record
+    items = make_client(REGION, endpoint).scan(TableName=table)["Items"]
+    dumped = json.dumps(items)
+    secret = plaintext.rsplit("-", 1)[1]
+    assert secret not in dumped and plaintext not in dumped
+    assert record.key_hash in dumped
+
+
+async def test_open_store_builds_a_dynamodb_store(fake_aws, moto_endpoint) -> None:
+    from r1nest.ledger import open_store
+    from r1nest.settings import Settings
+
+    table = new_table_name()
+    create_table(table, REGION, endpoint_url=moto_endpoint)
+    settings = Settings(store="dynamodb", dynamodb_table=table, aws_region=REGION, dynamodb_endpoint_url=moto_endpoint)
+    store = open_store(settings)
+    assert isinstance(store, DynamoStore)
+    assert await store.list_keys() == []
+    await store.close()
+
+
+def test_open_store_without_a_table_is_a_config_error() -> None:
+    from r1nest.errors import ConfigError
+    from r1nest.ledger import open_store
+    from r1nest.settings import Settings
+
+    with pytest.raises(ConfigError, match="dynamodb_table"):
+        open_store(Settings(store="dynamodb"))
+
+
+async def test_an_unreachable_table_is_a_store_error(fake_aws, moto_endpoint) -> None:
+    from r1nest.errors import StoreError
+
+    store = DynamoStore("no-such-table", REGION, endpoint_url=moto_endpoint)
+    with pytest.raises(StoreError, match="ResourceNotFound"):
+        await store.balance(KEY_ID)
+    await store.close()
