@@ -60,7 +60,7 @@ if PLAN.nodes != 1:
     raise RuntimeError(f"the plan for {MODEL} needs {PLAN.nodes} nodes; a Modal container has at most 8 GPUs")
 
 # For DeepSeek-R1 that is `H200:8`: ~0.69 TB of FP8 weights do not fit 8 x H100 (640 GB). For
-# the 7B distill it is one `L40S`. `r1nest plan --model ID --cloud modal` prints the full plan.
+# the 7B distill it is one `L4`. `r1nest plan --model ID --cloud modal` prints the full plan.
 
 GPU = PLAN.modal_gpu
 MAX_INPUTS = PLAN.max_concurrency  # concurrent requests one container serves (KV-cache bound)
@@ -80,7 +80,8 @@ STARTUP_TIMEOUT_S = int(2 * estimate_startup_s(WEIGHT_BYTES, PLAN.hardware_class
 REQUEST_TIMEOUT_S = 35 * MINUTES
 
 # How long an idle container stays up. A cold start of R1 is ten minutes or more of GPU time, so
-# stay up at least twice that long between bursts; Modal allows at most one hour.
+# an idle container waits twice the start-up budget before it goes (10 minutes at least; Modal
+# allows one hour at most).
 SCALEDOWN_WINDOW_S = min(60 * MINUTES, max(10 * MINUTES, 2 * STARTUP_TIMEOUT_S))
 
 # Containers kept running when there is no traffic. 0 scales to zero: nothing is billed while
@@ -189,6 +190,8 @@ def create_ledger_table():
     from r1nest.settings import load_settings
 
     settings = load_settings()
+    if not settings.dynamodb_table or not settings.aws_region:
+        raise SystemExit("the r1nest-aws secret needs R1NEST_DYNAMODB_TABLE and R1NEST_AWS_REGION")
     create_table(settings.dynamodb_table, settings.aws_region)
     print(f"created {settings.dynamodb_table} in {settings.aws_region}")
 
