@@ -46,6 +46,7 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.paused = False
         self.header_bytes = 0
+        self.keep_alive = False
         self._waiter: asyncio.Future[None] | None = None
 
     # asyncio.Protocol
@@ -88,6 +89,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()  # only valid inside this callback
         self._wake()
 
     # helpers
@@ -123,12 +125,13 @@ class _Connection(asyncio.Protocol):
         """Ready for the next request on the same connection."""
         self.parser = httptools.HttpResponseParser(self)
         self.status, self.headers_done, self.complete, self.received_any = 0, False, False, False
+        self.keep_alive = False
         self.chunks.clear()
         self.buffered, self.header_bytes = 0, 0
 
     @property
     def reusable(self) -> bool:
-        return self.complete and not self.lost and self.error is None and self.parser.should_keep_alive()
+        return self.complete and self.keep_alive and not self.lost and self.error is None
 
 
 class Response:
