@@ -307,7 +307,7 @@ def _watch(engine_process, gateway_process, *, ready=_gateway_ready, leave=os._e
 
 # The smoke test runs on your machine against the deployed URL. With the admin key (the one in the
 # `r1nest-keys` secret) it creates an API key through the gateway's admin API, keeps it where
-# `r1nest overview --modal-app r1nest` looks for it (`~/.r1nest/modal/r1nest.api_key`, mode 0600),
+# `r1nest overview --from modal` looks for it (`<data dir>/modal/r1nest.api_key`, mode 0600),
 # then streams a chat completion with the OpenAI SDK and prints the reasoning and the answer apart,
 # and the credits left.
 
@@ -351,7 +351,13 @@ def smoke(credits: int = 1_000_000, prompt: str = "What is 17 * 23? Answer brief
     )
     with urllib.request.urlopen(request, timeout=60) as resp:
         api_key = json.loads(resp.read())["key"]
-    key_file = Path.home() / ".r1nest" / "modal" / f"{APP_NAME}.api_key"
+    try:  # where `r1nest overview --from modal` looks (the data dir's modal/ folder)
+        from r1nest.overview.sources import modal_key_file
+        from r1nest.settings import load_settings
+
+        key_file = modal_key_file(load_settings().data_dir, APP_NAME)
+    except ImportError:  # r1nest's own dependencies are not installed here: the default data dir
+        key_file = Path.home() / ".r1nest" / "modal" / f"{APP_NAME}.api_key"
     key_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
