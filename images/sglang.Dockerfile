@@ -66,7 +66,8 @@ RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir -e /opt/r1
 
 # --- layer 4: an unprivileged user with its own data and cache directories ------------------------
 # UID 10001: clear of the base's users (Ubuntu 24.04 images have uid 1000 "ubuntu").
-RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin r1nest \
+RUN groupadd --gid 10001 r1nest \
+    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin r1nest \
     && mkdir -p /data/hf /data/r1nest \
     && chown -R r1nest:r1nest /data
 ENV HF_HOME=/data/hf \
