@@ -74,3 +74,13 @@ def test_gateway_process_logs_never_hold_a_key(engine: Any, tmp_path: Any) -> No
     assert f"key_id={key_id}" in log and "chat_completions 200" in log
     for secret in _secrets(key):
         assert secret not in log
+
+
+def test_gateway_process_takes_the_served_model_from_the_engine(engine: Any) -> None:
+    from r1nest.gateway.cli import engine_model
+
+    from .conftest import ENGINE_KEY
+
+    assert engine_model(engine.url, ENGINE_KEY) == MODEL
+    assert engine_model(engine.url, "wrong-key") is None
+    assert engine_model("http://127.0.0.1:1", None, timeout_s=1) is None

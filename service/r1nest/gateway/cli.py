@@ -60,6 +60,23 @@ def uvicorn_server(app: Any, settings: Settings, **config: Any) -> Any:
     return DrainingServer(uvicorn.Config(app, **options))
 
 
+def engine_model(upstream_url: str, api_key: str | None, *, timeout_s: float = 5.0) -> str | None:
+    """The model a running engine serves (its /v1/models), or None when it does not answer."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(upstream_url.rstrip("/") + "/v1/models")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            models = json.loads(response.read(1024 * 1024))["data"]
+        model = models[0]["id"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return model if isinstance(model, str) and model else None
+
+
 def run_gateway(settings: Settings, *, state: EngineState | None = None, probe_upstream: bool = True) -> None:
     """Open the store, build the app and serve it until a signal."""
     from r1nest.errors import ConfigError
@@ -69,11 +86,9 @@ def run_gateway(settings: Settings, *, state: EngineState | None = None, probe_u
     if not settings.upstream_url:
         raise ConfigError("the gateway needs an upstream engine URL (--upstream or R1NEST_UPSTREAM_URL)")
     configure_logging(settings.log_level)
-    upstream = UpstreamConfig(
-        url=settings.upstream_url,
-        api_key=settings.upstream_key.get_secret_value() if settings.upstream_key else None,
-        served_model=settings.served_model or settings.model,
-    )
+    api_key = settings.upstream_key.get_secret_value() if settings.upstream_key else None
+    served_model = settings.served_model or engine_model(settings.upstream_url, api_key) or settings.model
+    upstream = UpstreamConfig(url=settings.upstream_url, api_key=api_key, served_model=served_model)
     store = open_store(settings)
     if state is None:
         state = EngineState()
@@ -91,7 +106,7 @@ def run_gateway(settings: Settings, *, state: EngineState | None = None, probe_u
 @click.command()
 @click.option("--upstream", "upstream_url", help="Base URL of the engine, e.g. http://127.0.0.1:8100.")
 @click.option("--upstream-key", help="The engine's API key (prefer R1NEST_UPSTREAM_KEY: flags show in ps).")
-@click.option("--served-model", help="The model name clients use (default: the settings' model).")
+@click.option("--served-model", help="The model name clients use (default: what the engine's /v1/models lists).")
 @click.option("--host", help="Listen address (default 0.0.0.0).")
 @click.option("--port", type=int, help="Listen port (default 8000).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Where the SQLite ledger and admin key live.")
