@@ -291,8 +291,9 @@ def diagnose(
             kv_dtype = getattr(profile, "kv_cache_dtype", None) or _kv_cache_dtype(
                 tuple(getattr(profile, "args", ()) or ()))
             checks.append(Check("plan", "ok", _plan_summary(plan_json)))
-    backends = expected_backends(model, engine, hw_class, facts.kernels.modules, kv_cache_dtype=kv_dtype,
-                                 engine_env=profile_env, nodes=nodes)
+    backends = {} if hw_class == "cpu" and needs_gpu(model) else expected_backends(
+        model, engine, hw_class, facts.kernels.modules, kv_cache_dtype=kv_dtype, engine_env=profile_env,
+        nodes=nodes)
     return DoctorReport(model, engine, nodes, hw_class, facts, tuple(checks), backends, plan_json)
 
 

@@ -86,6 +86,7 @@ def test_a_gpu_model_on_a_box_without_gpu_fails_clearly() -> None:
     assert report.exit_code == 1
     assert report.reason.startswith("no GPU found")
     assert QWEN_7B.id in report.reason
+    assert report.backends == {}  # no kernels to expect on a box that cannot run it
 
 
 def test_the_cpu_tiny_model_passes_without_gpu(tiny_model_dir: Path) -> None:
