@@ -181,7 +181,7 @@ class TorchGpuProbe:
             is_rocm = getattr(torch.version, "hip", None) is not None
             capability = None if is_rocm else (int(props.major), int(props.minor))
             arch = getattr(props, "gcnArchName", None) if is_rocm else f"sm{props.major}{props.minor}"
-            gemm = fp8_gemm(index) if run_fp8_gemm else Fp8GemmResult(ran=False)
+            gemm = fp8_gemm(torch.device("cuda", index)) if run_fp8_gemm else Fp8GemmResult(ran=False)
             found.append(GpuFacts(index, str(props.name), capability, int(props.total_memory), arch, gemm))
         return tuple(found)
 
@@ -194,41 +194,52 @@ class TorchGpuProbe:
         }
 
 
-def fp8_gemm(index: int) -> Fp8GemmResult:
-    """Run `torch._scaled_mm` on float8_e4m3fn inputs on GPU `index`: correctness, then TFLOP/s."""
+def fp8_gemm(device: object, *, size: int = FP8_GEMM_SIZE, calls: int = FP8_GEMM_TIMED_CALLS) -> Fp8GemmResult:
+    """Run `torch._scaled_mm` on FP8 e4m3 inputs on `device`: correctness first, then TFLOP/s."""
+    import time
+
     import torch
 
     if not hasattr(torch, "float8_e4m3fn") or not hasattr(torch, "_scaled_mm"):
         return Fp8GemmResult(ran=False, error=f"torch {torch.__version__} has no FP8 matmul")
-    device = torch.device("cuda", index)
     try:
-        with torch.cuda.device(device):
-            rel_error = _fp8_check(torch, device)
-            m = n = k = FP8_GEMM_SIZE
-            a = torch.randn(m, k, device=device).to(torch.float8_e4m3fn)
-            b = torch.randn(n, k, device=device).to(torch.float8_e4m3fn).t()  # column-major, as required
-            one = torch.tensor(1.0, device=device)
-            for _ in range(FP8_GEMM_WARMUP_CALLS):
-                torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(FP8_GEMM_TIMED_CALLS):
-                torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-            end.record()
-            end.synchronize()
-            elapsed_s = start.elapsed_time(end) / 1000.0
-            del a, b
-            torch.cuda.empty_cache()
-    except (RuntimeError, TypeError, ValueError) as exc:  # unsupported arch, bad build, OOM
+        device = torch.device(device)  # type: ignore[call-overload]
+    except RuntimeError as exc:
         return Fp8GemmResult(ran=False, error=_first_line(str(exc)))
-    tflops = 2.0 * m * n * k * FP8_GEMM_TIMED_CALLS / elapsed_s / 1e12
-    return Fp8GemmResult(ran=True, tflops=round(tflops, 1), max_rel_error=round(rel_error, 4))
+    on_gpu = device.type == "cuda"
+    # MI300 (gfx942) implements the "fnuz" variant of e4m3; NVIDIA GPUs the OCP one
+    fp8 = torch.float8_e4m3fnuz if on_gpu and getattr(torch.version, "hip", None) else torch.float8_e4m3fn
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize(device)
+
+    try:
+        rel_error = _fp8_check(torch, device, fp8)
+        a = torch.randn(size, size, device=device).to(fp8)
+        b = torch.randn(size, size, device=device).to(fp8).t()  # column-major, as _scaled_mm requires
+        one = torch.tensor(1.0, device=device)
+        for _ in range(FP8_GEMM_WARMUP_CALLS):
+            torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        sync()
+        started = time.perf_counter()
+        for _ in range(calls):
+            torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        sync()
+        elapsed_s = max(time.perf_counter() - started, 1e-9)
+        del a, b
+        if on_gpu:
+            torch.cuda.empty_cache()
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:  # arch, build, OOM
+        return Fp8GemmResult(ran=False, error=_first_line(str(exc)))
+    tflops = 2.0 * size**3 * calls / elapsed_s / 1e12
+    return Fp8GemmResult(ran=True, tflops=round(tflops, 3 if tflops < 1 else 1), max_rel_error=round(rel_error, 4))
 
 
-def _fp8_check(torch, device) -> float:  # type: ignore[no-untyped-def]
+def _fp8_check(torch, device, fp8) -> float:  # type: ignore[no-untyped-def]
     size = FP8_CHECK_SIZE
-    a = torch.randn(size, size, device=device).to(torch.float8_e4m3fn)
-    b = torch.randn(size, size, device=device).to(torch.float8_e4m3fn).t()
+    a = torch.randn(size, size, device=device).to(fp8)
+    b = torch.randn(size, size, device=device).to(fp8).t()
     scale_a = torch.tensor(0.5, device=device)
     scale_b = torch.tensor(2.0, device=device)
     got = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float32)

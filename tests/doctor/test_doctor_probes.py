@@ -92,3 +92,23 @@ def test_network_probe_reads_sysfs_and_device_nodes(tmp_path: Path, monkeypatch:
     assert facts.efa_devices == ("rdmap79s0",)
     assert facts.verbs_device_nodes == ("uverbs0",)
     assert facts.nccl_env["NCCL_DEBUG"] == "INFO" and facts.nccl_env["FI_EFA_USE_DEVICE_RDMA"] == "1"
+
+
+def test_the_fp8_gemm_runs_and_checks_its_result_on_the_cpu() -> None:
+    """The same code that times the tensor cores on a GPU, on torch's CPU FP8 matmul."""
+    torch = pytest.importorskip("torch")
+    from r1nest.gpu_probe import fp8_gemm
+
+    result = fp8_gemm(torch.device("cpu"), size=128, calls=2)
+    if not result.ran and "not implemented" in (result.error or "").lower():
+        pytest.skip(f"this torch build has no CPU FP8 matmul: {result.error}")
+    assert result.ran, result.error
+    assert result.tflops is not None and result.tflops > 0
+    assert result.max_rel_error is not None and result.max_rel_error < 0.01
+
+
+def test_an_fp8_gemm_that_cannot_run_reports_why() -> None:
+    from r1nest.gpu_probe import fp8_gemm
+
+    result = fp8_gemm("meta-device-that-does-not-exist")
+    assert not result.ran and result.error
