@@ -233,7 +233,7 @@ def fp8_gemm(device: object, *, size: int = FP8_GEMM_SIZE, calls: int = FP8_GEMM
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:  # arch, build, OOM
         return Fp8GemmResult(ran=False, error=_first_line(str(exc)))
     tflops = 2.0 * size**3 * calls / elapsed_s / 1e12
-    return Fp8GemmResult(ran=True, tflops=round(tflops, 3 if tflops < 1 else 1), max_rel_error=round(rel_error, 4))
+    return Fp8GemmResult(ran=True, tflops=float(f"{tflops:.4g}"), max_rel_error=round(rel_error, 4))
 
 
 def _fp8_check(torch, device, fp8) -> float:  # type: ignore[no-untyped-def]
