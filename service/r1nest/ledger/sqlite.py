@@ -181,18 +181,25 @@ class SqliteStore:
         expires_at = now + ttl_s
 
         def run(conn: sqlite3.Connection) -> Reservation:
-            record = _require_key(conn, key_id)
-            if not record.usable(now):
-                raise UnknownKey(f"key {key_id} is revoked or expired")
-            if record.remaining_credits < credits:
+            # One conditional UPDATE is the check and the debit; a SELECT only says why not.
+            row = conn.execute(
+                "UPDATE keys SET remaining_credits = remaining_credits - ?"
+                " WHERE key_id = ? AND remaining_credits >= ? AND revoked = 0"
+                " AND (expires_at IS NULL OR expires_at > ?) RETURNING remaining_credits",
+                (credits, key_id, credits, now),
+            ).fetchone()
+            if row is None:
+                record = _require_key(conn, key_id)
+                if not record.usable(now):
+                    raise UnknownKey(f"key {key_id} is revoked or expired")
                 raise InsufficientCredits(record.remaining_credits, credits)
             conn.execute(
                 "INSERT INTO reservations (reservation_id, key_id, credits_reserved, created_at,"
                 " expires_at, state) VALUES (?, ?, ?, ?, ?, 'pending')",
                 (reservation_id, key_id, credits, now, expires_at),
             )
-            remaining = _post(conn, key_id, "reserve", -credits, now, reservation_id=reservation_id)
-            return Reservation(reservation_id, key_id, credits, expires_at, remaining)
+            _record_posting(conn, key_id, "reserve", -credits, now, reservation_id, "")
+            return Reservation(reservation_id, key_id, credits, expires_at, int(row[0]))
 
         def void_orphan(reservation: Reservation) -> None:
             if not self._closed:  # else the sweeper voids it after its deadline
@@ -419,32 +426,52 @@ def _post(
         (credits, key_id),
     ).fetchone()
     assert row is not None and 0 <= row[0] <= rules.MAX_CREDITS, "a balance left its bounds"
+    _record_posting(conn, key_id, kind, credits, now, reservation_id, note)
+    return int(row[0])
+
+
+def _record_posting(
+    conn: sqlite3.Connection, key_id: str, kind: PostingKind, credits: int, now: float,
+    reservation_id: str | None, note: str,
+) -> None:
     conn.execute(
         "INSERT INTO postings (key_id, kind, credits, at, reservation_id, note) VALUES (?, ?, ?, ?, ?, ?)",
         (key_id, kind, credits, now, reservation_id, note),
     )
-    return int(row[0])
 
 
 def _close(conn: sqlite3.Connection, reservation_id: str, credits_charged: int | None, now: float) -> int:
     """Settle (`credits_charged` given) or void a pending reservation; returns the new balance."""
-    row = conn.execute(
-        "SELECT key_id, credits_reserved, state FROM reservations WHERE reservation_id = ?",
-        (reservation_id,),
-    ).fetchone()
-    if row is None:
-        raise StoreError(f"no reservation with id {reservation_id}")
-    key_id, credits_reserved, state = row
-    if state != "pending":
-        raise ReservationClosed(f"reservation {reservation_id} is already {state}")
+    # One conditional UPDATE closes it (pending -> settled/voided, exactly once); a SELECT
+    # only says why not.
     if credits_charged is None:
-        state, refund, note = "voided", credits_reserved, ""
+        row = conn.execute(
+            "UPDATE reservations SET state = 'voided', closed_at = ?"
+            " WHERE reservation_id = ? AND state = 'pending' RETURNING key_id, credits_reserved",
+            (now, reservation_id),
+        ).fetchone()
     else:
-        rules.check_charge(credits_charged, credits_reserved)
-        state, refund, note = "settled", credits_reserved - credits_charged, f"charged {credits_charged}"
-    conn.execute(
-        "UPDATE reservations SET state = ?, credits_charged = ?, closed_at = ? WHERE reservation_id = ?",
-        (state, credits_charged, now, reservation_id),
+        rules.check_credits(credits_charged, what="charged credits")
+        row = conn.execute(
+            "UPDATE reservations SET state = 'settled', credits_charged = ?, closed_at = ?"
+            " WHERE reservation_id = ? AND state = 'pending' AND credits_reserved >= ?"
+            " RETURNING key_id, credits_reserved",
+            (credits_charged, now, reservation_id, credits_charged),
+        ).fetchone()
+    if row is None:
+        found = conn.execute(
+            "SELECT credits_reserved, state FROM reservations WHERE reservation_id = ?", (reservation_id,)
+        ).fetchone()
+        if found is None:
+            raise StoreError(f"no reservation with id {reservation_id}")
+        if found[1] != "pending":
+            raise ReservationClosed(f"reservation {reservation_id} is already {found[1]}")
+        rules.check_charge(credits_charged, found[0])  # type: ignore[arg-type]  # raises
+        raise AssertionError("a pending reservation refused a valid close")
+    key_id, credits_reserved = row
+    if credits_charged is None:
+        return _post(conn, key_id, "void", credits_reserved, now, reservation_id=reservation_id)
+    return _post(
+        conn, key_id, "settle", credits_reserved - credits_charged, now,
+        reservation_id=reservation_id, note=f"charged {credits_charged}",
     )
-    kind: PostingKind = "void" if credits_charged is None else "settle"
-    return _post(conn, key_id, kind, refund, now, reservation_id=reservation_id, note=note)
