@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 ENGINE_KEY = "bench-engine-key-0123456789"
 ADMIN_KEY = "r1nadmin-0b0b0b0b0b0b-" + "B" * 43
@@ -80,7 +79,7 @@ async def _load(args: argparse.Namespace) -> dict:
                 assert response.status == 200, response.status
 
         # warm-up
-        for name, (base, headers) in targets.items():
+        for base, headers in targets.values():
             for _ in range(200):
                 await call(base, headers, short)
 
@@ -124,7 +123,7 @@ async def _load(args: argparse.Namespace) -> dict:
             return int(done / elapsed), int(chunks / elapsed)
 
         pids = dict(zip(("direct", "gateway", "gateway_memory"), map(int, args.pids.split(","))))
-        for repeat in range(args.repeats):
+        for _ in range(args.repeats):
             for name, (base, headers) in targets.items():
                 cpu_s, started = cpu_seconds(pids[name]), time.perf_counter()
                 rps, _ = await saturate(base, headers, short, args.concurrency, args.seconds, stream=False)

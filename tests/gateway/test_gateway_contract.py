@@ -6,7 +6,6 @@ import json
 import time
 from typing import Any
 
-import httpx
 import pytest
 
 from r1nest.gateway.state import EngineState
