@@ -41,6 +41,9 @@ CPU_MAX_WEIGHT_BYTES = 8 * GIB
 WEIGHTS_MAX_GPU_FRACTION = 0.90
 DISK_HEADROOM = 1.05  # 5 % over the weights for the Hub's temporary files
 FP8_MIN_CAPABILITY = (8, 9)
+# The oldest Linux driver branch each CUDA runtime needs (NVIDIA's CUDA toolkit release notes,
+# "CUDA Toolkit and Corresponding Driver Versions"; forward-compat packages aside).
+MIN_DRIVER_FOR_CUDA = {(13, 0): 580, (12, 9): 575, (12, 8): 570, (12, 6): 560, (12, 4): 550, (12, 1): 530}
 
 # Modules the engine cannot serve without, per box kind; the rest are reported as warnings.
 REQUIRED_MODULES_GPU = ("engine", "custom_ops", "fused_moe")
@@ -270,6 +273,7 @@ def diagnose(
     hw_class = hardware_class_of(facts.gpus)
     checks = [
         *_gpu_checks(facts.gpus, model, hw_class),
+        *_driver_checks(facts),
         *_fp8_checks(facts.gpus, model),
         *_memory_checks(facts.gpus, model, nodes),
         *_kernel_checks(facts.kernels, model, engine, has_gpus=bool(facts.gpus), nodes=nodes),
@@ -316,6 +320,25 @@ def _gpu_checks(gpus: tuple[GpuFacts, ...], model: ModelSpec, hw_class: str | No
     else:
         checks.append(Check("architecture", "ok", f"hardware class {hw_class}"))
     return checks
+
+
+def _driver_checks(facts: BoxFacts) -> list[Check]:
+    """Is the driver new enough for the CUDA runtime torch (and so the engine) was built with?"""
+    if not facts.gpus or not facts.driver_version or not facts.cuda_version:
+        return []
+    try:
+        cuda = tuple(int(x) for x in facts.cuda_version.split(".")[:2])
+        driver_major = int(facts.driver_version.split(".")[0])
+    except ValueError:
+        return []
+    needed = next((v for k, v in sorted(MIN_DRIVER_FOR_CUDA.items(), reverse=True) if cuda >= k), None)
+    if needed is None:
+        return []
+    if driver_major < needed:
+        return [Check("driver", "fail", f"driver {facts.driver_version} is older than CUDA "
+                      f"{facts.cuda_version} needs ({needed} or newer): update the driver, or use an image "
+                      "built for an older CUDA")]
+    return [Check("driver", "ok", f"driver {facts.driver_version}, CUDA {facts.cuda_version}")]
 
 
 def _fp8_checks(gpus: tuple[GpuFacts, ...], model: ModelSpec) -> list[Check]:

@@ -233,3 +233,13 @@ def test_local_checkpoint_up_to_the_cpu_bound_needs_no_gpu(tiny_model_dir: Path)
     assert diagnose(box(None), replace(tiny, weight_bytes=CPU_MAX_WEIGHT_BYTES)).ok
     too_big = diagnose(box(None), replace(tiny, weight_bytes=CPU_MAX_WEIGHT_BYTES + 1))
     assert too_big.reason.startswith("no GPU found")
+
+
+def test_a_driver_older_than_the_cuda_runtime_fails() -> None:
+    from dataclasses import replace
+
+    facts = box("H100", 8)  # torch for CUDA 13.0, driver 580
+    assert {c.name: c.status for c in diagnose(facts, QWEN_7B).checks}["driver"] == "ok"
+    old = diagnose(replace(facts, driver_version="570.172.08"), QWEN_7B)
+    assert "driver" in failed(old) and "580" in failed(old)["driver"]
+    assert "driver" not in failed(diagnose(replace(facts, driver_version="570.1", cuda_version="12.8"), QWEN_7B))
