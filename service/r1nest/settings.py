@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     stream_timeout_s: float = Field(default=1800.0, gt=0)
     reservation_ttl_s: float = Field(default=3600.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    rate_limit_rpm: int = Field(default=0, ge=0, description="completion requests per minute per key; 0: no limit")
 
     # stores
     store: Literal["sqlite", "dynamodb"] = "sqlite"
