@@ -277,7 +277,9 @@ def parse_nvidia_smi_row(row: str) -> GpuFacts | None:
         major, minor = (int(x) for x in capability.split("."))
         return GpuFacts(
             int(index), name, (major, minor), int(float(memory_mib)) * 1024 * 1024,
-            f"sm{major}{minor}", Fp8GemmResult(ran=False, error="torch cannot use these GPUs (no CUDA build of torch, or a driver too old for it)"),
+            f"sm{major}{minor}",
+            Fp8GemmResult(ran=False, error="torch cannot use these GPUs (no CUDA build of torch, or a "
+                                           "driver too old for it)"),
         )
     except ValueError:
         return None
