@@ -267,3 +267,27 @@ def test_overview_page_after_admin_login(harness: Harness) -> None:
     assert login.status_code == 303
     page = harness.client.get("/overview")
     assert page.status_code == 200 and MODEL in page.text and harness.url in page.text
+
+
+def test_per_key_rate_limit_is_429_with_retry_after(make_harness: Any) -> None:
+    harness = make_harness(rate_limit_rpm=6)  # one request per 10 s, bursts of one
+    key_id, key = harness.new_key(credits=10_000)
+    _, other = harness.new_key(credits=10_000)
+    assert harness.chat(key).status_code == 200
+    limited = harness.chat(key)
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(limited.headers["retry-after"]) <= 10
+    assert int(limited.headers["x-remaining-credits"]) == harness.balance(key_id)
+    assert harness.chat(other).status_code == 200  # per key
+
+
+def test_rate_limiter_refills_over_time() -> None:
+    from r1nest.gateway.ratelimit import RateLimiter
+
+    now = [0.0]
+    limiter = RateLimiter(60, clock=lambda: now[0])  # 1/s, bursts of 6
+    assert [limiter.acquire("k") for _ in range(6)] == [None] * 6
+    wait = limiter.acquire("k")
+    assert wait is not None and 0 < wait <= 1.0
+    now[0] += 1.0
+    assert limiter.acquire("k") is None

@@ -25,6 +25,7 @@ from r1nest.errors import (
     InternalError,
     MethodNotAllowed,
     NotFound,
+    RateLimited,
     StoreError,
     Unavailable,
 )
@@ -34,6 +35,7 @@ from r1nest.gateway.exchange import ClientGone, Exchange, Receive, Scope, Send
 from r1nest.gateway.interrupts import Interruptible
 from r1nest.gateway.metrics import Metrics
 from r1nest.gateway.pricing import Price
+from r1nest.gateway.ratelimit import RateLimiter, retry_after_header
 from r1nest.gateway.routing import Kind, Match, NoMatch
 from r1nest.gateway.shaping import Policy, shape
 from r1nest.gateway.state import EngineState
@@ -74,6 +76,7 @@ class Gateway:
             default_top_p=settings.default_top_p,
         )
         self.metrics = Metrics()
+        self.rate_limiter = RateLimiter(settings.rate_limit_rpm, clock=time.monotonic) if settings.rate_limit_rpm else None
         self.interruptibles: set[Interruptible] = set()
         self.open_requests = 0
         self._idle = asyncio.Event()
@@ -234,6 +237,13 @@ class Gateway:
 
     async def _completion(self, exchange: Exchange, kind: Kind) -> None:
         record = await self._authenticated(exchange)
+        if self.rate_limiter is not None:
+            wait_s = self.rate_limiter.acquire(record.key_id)
+            if wait_s is not None:
+                raise RateLimited(
+                    "Too many requests for this key; retry after the time in Retry-After.",
+                    headers={"Retry-After": retry_after_header(wait_s)},
+                )
         if not self.state.ready:
             raise self._unavailable()
         raw = await exchange.read_body(self.settings.max_body_bytes)
