@@ -1,0 +1,132 @@
+"""The whole path on the tiny DeepSeek-V3-architecture model (MLA + MoE), real vLLM CPU build:
+OpenAI SDK -> r1nest gateway -> vLLM with --reasoning-parser deepseek_r1."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from r1nest.gateway.pricing import Price, cost
+from r1nest.tinymodel import SCRIPT_CONTENT, SCRIPT_REASONING
+
+from r1nest.testing.serve_process import Served, running_requests
+
+pytestmark = pytest.mark.engine
+
+MESSAGES = [{"role": "user", "content": "Hi there!"}]
+
+
+def _client(served: Served):  # type: ignore[no-untyped-def]
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{served.url}/v1", api_key=served.key, max_retries=0, timeout=120)
+
+
+def test_503_with_retry_after_while_warming(serve_v3: Served) -> None:
+    health, chat = serve_v3.warming_health, serve_v3.warming_chat
+    assert health is not None and chat is not None, "the gateway was never seen warming"
+    assert health.status_code == 503 and health.json()["status"] == "warming"
+    assert health.json()["eta_s"] > 0
+    assert chat.status_code == 503 and int(chat.headers["retry-after"]) >= 1
+    assert chat.json()["error"]["code"] == "engine_unavailable"
+    assert chat.headers["x-remaining-credits"] == str(serve_v3.credits())  # nothing was charged
+
+
+def test_sdk_non_streaming_reasoning_content_and_exact_charge(serve_v3: Served, price: Price) -> None:
+    client = _client(serve_v3)
+    before = serve_v3.credits()
+    raw = client.chat.completions.with_raw_response.create(
+        model=serve_v3.state["served_model"], messages=MESSAGES, max_tokens=40,
+    )
+    completion = raw.parse()
+    message = completion.choices[0].message
+    assert message.reasoning_content == SCRIPT_REASONING  # parsed by vLLM, renamed by the gateway
+    assert message.content.startswith("\n\n" + SCRIPT_CONTENT)
+    assert not hasattr(message, "reasoning") or getattr(message, "reasoning", None) is None
+    usage = completion.usage
+    assert usage.completion_tokens == 40 and completion.choices[0].finish_reason == "length"
+    charged = cost(price, usage.prompt_tokens, usage.completion_tokens)
+    assert int(raw.headers["x-remaining-credits"]) == before - charged
+    assert serve_v3.credits() == before - charged
+
+
+def test_sdk_streaming_reasoning_then_content_and_exact_charge(serve_v3: Served, price: Price) -> None:
+    client = _client(serve_v3)
+    before = serve_v3.credits()
+    stream = client.chat.completions.create(
+        model=serve_v3.state["served_model"], messages=MESSAGES, max_tokens=30, stream=True,
+        stream_options={"include_usage": True},
+    )
+    reasoning, content, usage, remaining = [], [], None, None
+    for chunk in stream:
+        for choice in chunk.choices:
+            delta = choice.delta
+            if getattr(delta, "reasoning_content", None):
+                assert not content, "reasoning after content"
+                reasoning.append(delta.reasoning_content)
+            if delta.content:
+                content.append(delta.content)
+        if chunk.usage is not None:
+            usage = chunk.usage
+            remaining = (chunk.model_extra or {}).get("remaining_credits")
+    assert "".join(reasoning) == SCRIPT_REASONING
+    assert "".join(content).startswith("\n\n" + SCRIPT_CONTENT)
+    assert usage is not None and usage.completion_tokens == 30
+    charged = cost(price, usage.prompt_tokens, usage.completion_tokens)
+    assert serve_v3.credits() == before - charged
+    assert remaining == before - charged
+
+
+def test_client_disconnect_frees_the_engine(serve_v3: Served, price: Price) -> None:
+    before = serve_v3.credits()
+    body = {"model": serve_v3.state["served_model"], "messages": MESSAGES, "max_tokens": 1500, "stream": True}
+    headers = {"Authorization": f"Bearer {serve_v3.key}"}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{serve_v3.url}/v1/chat/completions", json=body, headers=headers) as response:
+            assert response.status_code == 200
+            reserved_balance = int(response.headers["x-remaining-credits"])
+            # keep reading until vLLM's own gauge shows the request running (it is updated per step)
+            seen_running, checked_at = False, 0.0
+            deadline = time.monotonic() + 30
+            for line in response.iter_lines():
+                if time.monotonic() - checked_at > 0.2:
+                    checked_at = time.monotonic()
+                    if running_requests(serve_v3.engine_url) >= 1:
+                        seen_running = True
+                        break
+                assert time.monotonic() < deadline
+            assert seen_running, "vLLM's gauge never showed the stream running"
+        # leaving the block closed the connection mid-stream
+    deadline = time.monotonic() + 20
+    while running_requests(serve_v3.engine_url) > 0:
+        assert time.monotonic() < deadline, "vLLM still runs the abandoned request"
+        time.sleep(0.2)
+    # paid for what was produced, far less than the 1,500 tokens reserved
+    for _ in range(50):
+        after = serve_v3.credits()
+        if after > reserved_balance:
+            break
+        time.sleep(0.1)
+    spent = before - after
+    assert 0 < spent < cost(price, 10, 1500)
+    assert spent <= cost(price, 50, 600)
+
+
+def test_engine_is_on_loopback_behind_its_own_key_which_never_leaks(serve_v3: Served) -> None:
+    from pathlib import Path
+
+    assert serve_v3.engine_url.startswith("http://127.0.0.1:")
+    response = httpx.post(f"{serve_v3.engine_url}/v1/chat/completions", timeout=10,
+                          headers={"Authorization": f"Bearer {serve_v3.key}"},
+                          json={"model": serve_v3.state["served_model"], "messages": MESSAGES, "max_tokens": 1})
+    assert response.status_code == 401  # the user's key is not the engine's key
+    pid = serve_v3.engine_pid
+    environ = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+    engine_key = environ["VLLM_API_KEY"]
+    assert len(engine_key) >= 32
+    assert engine_key not in Path(f"/proc/{pid}/cmdline").read_text()
+    log = serve_v3.log_tail(10**8)
+    assert engine_key not in log
+    assert log.count(serve_v3.key) == 1  # the demo key: shown once, in the banner, never logged
