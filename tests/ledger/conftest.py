@@ -62,20 +62,18 @@ async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Store
     elif backend == "dynamodb-moto":
         request.getfixturevalue("fake_aws")
         request.getfixturevalue("moto_in_process")
-        from r1nest.ledger.dynamodb import DynamoStore, create_table
+        from r1nest.ledger.dynamodb import DynamoStore
 
-        table = new_table_name()
-        create_table(table, REGION)
-        dynamo = DynamoStore(table, REGION)
+        dynamo = DynamoStore(new_table_name(), REGION)
+        dynamo.create_table()
         yield dynamo
         await dynamo.close()
     else:
         request.getfixturevalue("fake_aws")
         endpoint = request.getfixturevalue("moto_endpoint")
-        from r1nest.ledger.dynamodb import DynamoStore, create_table
+        from r1nest.ledger.dynamodb import DynamoStore
 
-        table = new_table_name()
-        create_table(table, REGION, endpoint_url=endpoint)
-        dynamo = DynamoStore(table, REGION, endpoint_url=endpoint)
+        dynamo = DynamoStore(new_table_name(), REGION, endpoint_url=endpoint)
+        dynamo.create_table()
         yield dynamo
         await dynamo.close()

@@ -111,12 +111,15 @@ def make_client(region: str | None = None, endpoint_url: str | None = None) -> A
     )
 
 
-def create_table(table: str, region: str | None = None, *, endpoint_url: str | None = None) -> None:
+def create_table(
+    table: str, region: str | None = None, *, endpoint_url: str | None = None, client: Any = None
+) -> None:
     """Create the ledger table (with TTL) and wait until it is active. For tests and local
     setups; deployments create it from `table_spec()` in their infrastructure code."""
-    client = make_client(region, endpoint_url)
-    client.create_table(TableName=table, **table_spec())
-    client.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    client = client or make_client(region, endpoint_url)
+    created = client.create_table(TableName=table, **table_spec())
+    if created["TableDescription"].get("TableStatus") != "ACTIVE":
+        client.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 2, "MaxAttempts": 90})
     client.update_time_to_live(
         TableName=table, TimeToLiveSpecification={"AttributeName": TTL_ATTRIBUTE, "Enabled": True}
     )
@@ -136,6 +139,13 @@ class DynamoStore:
             botocore.exceptions.ClientError,
         )
         self._pool = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="r1nest-dynamodb")
+
+    def create_table(self) -> None:
+        """Create this store's table (see the module-level `create_table`)."""
+        try:
+            create_table(self.table, client=self._client)
+        except self._boto_errors as exc:
+            raise StoreError(f"cannot create the DynamoDB table {self.table}: {_describe(exc)}") from None
 
     # Store interface ----------------------------------------------------------------------
 
