@@ -188,3 +188,14 @@ async def test_an_unreachable_table_is_a_store_error(fake_aws, moto_endpoint) ->
     with pytest.raises(StoreError, match="ResourceNotFound"):
         await store.balance(KEY_ID)
     await store.close()
+
+
+async def test_list_keys_reads_the_key_index_in_batches(server_store) -> None:
+    """More keys than one BatchGetItem returns; postings in the table are not listed as keys."""
+    store, table, endpoint = server_store
+    for i in range(105):
+        await store.create_key(key_id=f"{i:012x}", key_hash="f" * 64, name=f"k{i}", credits=1, expires_at=None, now=T0 + i)
+    await store.reserve(f"{0:012x}", 1, ttl_s=60, now=T0)
+    listed = await store.list_keys()
+    assert [k.key_id for k in listed] == [f"{i:012x}" for i in range(105)]
+    assert listed[0].remaining_credits == 0  # read from the table, not from the index

@@ -9,15 +9,16 @@ the conditions against the committed state, so concurrent gateways never overspe
 Table (`table_spec()`; docs/ledger.md draws it):
 
     pk               sk                      what
-    key#<id>         key                     name, key_hash (sha256 only), created_at,
-                                             expires_at?, revoked, balance
+    key#<id>         key                     key_list, name, key_hash (sha256 only),
+                                             created_at, expires_at?, revoked, balance
     key#<id>         post#<at_us>#<ns>#<id>  one posting: kind, credits (signed), at, ...
     key#<id>         topup#<idempotency>     a top-up already applied (never applied twice)
     res#<id>         res                     a reservation: key_id, credits_reserved,
                                              expires_at, state, pending_shard?, purge_at
 
 `pending_shard` exists only while a reservation is pending, so the sparse index
-`pending_by_deadline` (pending_shard, expires_at) lists exactly what `sweep_expired` must void.
+`pending_by_deadline` (pending_shard, expires_at) lists exactly what `sweep_expired` must void;
+`key_list` exists only on key items, so `keys_by_creation` lists keys without a table scan.
 `purge_at` (the TTL attribute) lets DynamoDB delete reservation items RETENTION_S after they close (or after their
 deadline, for one nobody swept). TTL deletes late and never refunds anything, so the sweeper,
 not TTL, is what returns a crashed gateway's credits.
@@ -43,6 +44,7 @@ from r1nest.ledger.base import KeyRecord, Posting, PostingKind, Reservation
 
 TTL_ATTRIBUTE = "purge_at"
 PENDING_INDEX = "pending_by_deadline"
+KEYS_INDEX = "keys_by_creation"
 PENDING_SHARDS = 8  # spreads the sparse index's writes over partitions
 RETENTION_S = 30 * 86_400  # how long closed reservation items stay before TTL removes them
 MAX_CONFLICT_RETRIES = 12  # TransactionConflict: another transaction held the same item
@@ -63,6 +65,8 @@ def table_spec() -> dict[str, Any]:
             {"AttributeName": "sk", "AttributeType": "S"},
             {"AttributeName": "pending_shard", "AttributeType": "S"},
             {"AttributeName": "expires_at", "AttributeType": "N"},
+            {"AttributeName": "key_list", "AttributeType": "S"},
+            {"AttributeName": "created_at", "AttributeType": "N"},
         ],
         "KeySchema": [
             {"AttributeName": "pk", "KeyType": "HASH"},
@@ -76,7 +80,17 @@ def table_spec() -> dict[str, Any]:
                     {"AttributeName": "expires_at", "KeyType": "RANGE"},
                 ],
                 "Projection": {"ProjectionType": "KEYS_ONLY"},
-            }
+            },
+            {
+                # Only key items carry key_list, and balance changes touch no indexed
+                # attribute, so this index costs one write per key created.
+                "IndexName": KEYS_INDEX,
+                "KeySchema": [
+                    {"AttributeName": "key_list", "KeyType": "HASH"},
+                    {"AttributeName": "created_at", "KeyType": "RANGE"},
+                ],
+                "Projection": {"ProjectionType": "KEYS_ONLY"},
+            },
         ],
         "BillingMode": "PAY_PER_REQUEST",
     }
@@ -225,7 +239,8 @@ class DynamoStore:
         self, key_id: str, key_hash: str, name: str, credits: int, expires_at: float | None, now: float
     ) -> KeyRecord:
         item: dict[str, Any] = {
-            "pk": _s(f"key#{key_id}"), "sk": _s("key"), "name": _s(name), "key_hash": _s(key_hash),
+            "pk": _s(f"key#{key_id}"), "sk": _s("key"), "key_list": _s("key"),
+            "name": _s(name), "key_hash": _s(key_hash),
             "created_at": _n(now), "revoked": {"BOOL": False}, "balance": _n(credits),
         }
         if expires_at is not None:
@@ -251,14 +266,27 @@ class DynamoStore:
         return record
 
     def _list_keys(self) -> list[KeyRecord]:
-        records = []
-        for page in self._client.get_paginator("scan").paginate(
-            TableName=self.table,
-            FilterExpression="sk = :key",
+        # The sparse index names every key without reading postings; the items come in
+        # consistent batches of 100 (BatchGetItem's limit).
+        names = []
+        for page in self._client.get_paginator("query").paginate(
+            TableName=self.table, IndexName=KEYS_INDEX,
+            KeyConditionExpression="key_list = :key",
             ExpressionAttributeValues={":key": _s("key")},
-            ConsistentRead=True,
         ):
-            records.extend(_key_record(item) for item in page["Items"])
+            names.extend({"pk": item["pk"], "sk": item["sk"]} for item in page["Items"])
+        records = []
+        for start in range(0, len(names), 100):
+            wanted: dict[str, Any] = {self.table: {"Keys": names[start:start + 100], "ConsistentRead": True}}
+            for attempt in range(MAX_CONFLICT_RETRIES):
+                answer = self._client.batch_get_item(RequestItems=wanted)
+                records.extend(_key_record(item) for item in answer["Responses"].get(self.table, []))
+                wanted = answer.get("UnprocessedKeys") or {}
+                if not wanted:
+                    break
+                time.sleep(min(0.5, 0.01 * 2**attempt))
+            else:
+                raise StoreError("DynamoDB kept deferring the key listing; try again")
         return sorted(records, key=lambda k: (k.created_at, k.key_id))
 
     def _revoke_key(self, key_id: str) -> KeyRecord:
