@@ -199,3 +199,22 @@ async def test_list_keys_reads_the_key_index_in_batches(server_store) -> None:
     listed = await store.list_keys()
     assert [k.key_id for k in listed] == [f"{i:012x}" for i in range(105)]
     assert listed[0].remaining_credits == 0  # read from the table, not from the index
+
+
+async def test_a_cancelled_reserve_gives_its_credits_back(server_store) -> None:
+    import asyncio
+
+    store, _, _ = server_store
+    await store.create_key(key_id=KEY_ID, key_hash="f" * 64, name="t", credits=100, expires_at=None, now=T0)
+    task = asyncio.create_task(store.reserve(KEY_ID, 60, ttl_s=3600, now=T0))
+    await asyncio.sleep(0)  # handed to a worker thread
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(300):
+        kinds = [p.kind for p in await store.postings(KEY_ID)]
+        if kinds == ["grant", "reserve", "void"]:
+            break
+        await asyncio.sleep(0.02)
+    assert kinds == ["grant", "reserve", "void"]
+    assert await store.balance(KEY_ID) == 100

@@ -199,7 +199,10 @@ class DynamoStore:
             # rather than at the sweep after its deadline.
             def void_if_made(done: asyncio.Future[Reservation]) -> None:
                 if not done.cancelled() and done.exception() is None:
-                    self._pool.submit(self._guard(lambda: self._close(done.result().reservation_id, None, now)))
+                    try:
+                        self._pool.submit(self._guard(lambda: self._close(done.result().reservation_id, None, now)))
+                    except RuntimeError:
+                        pass  # the store closed: the sweeper voids it after its deadline
 
             running.add_done_callback(void_if_made)
             raise
