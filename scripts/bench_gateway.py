@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--stream-concurrency", type=int, default=8)
     parser.add_argument("--stream-tokens", type=int, default=1000)
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON")
+    parser.add_argument("--pin", action="store_true",
+                        help="engine and load generator on CPU 0, the gateways on CPU 1 (the gateway gets a core)")
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-memory-gateway", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -189,6 +191,12 @@ def main() -> None:
     engine_url, gateway_url = f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{gateway_port}"
     memory_url = f"http://127.0.0.1:{memory_port}"
     children: list[subprocess.Popen] = []
+
+    def on_cpu(cpu: int):  # noqa: ANN202 - a preexec_fn
+        if not args.pin:
+            return None
+        return lambda: os.sched_setaffinity(0, {cpu})
+
     with tempfile.TemporaryDirectory(prefix="r1nest-bench-") as data_dir:
         env = {k: v for k, v in os.environ.items() if not k.startswith("R1NEST_")}
         env.update(R1NEST_UPSTREAM_KEY=ENGINE_KEY, R1NEST_ADMIN_KEY=ADMIN_KEY, R1NEST_LOG_LEVEL="warning")
@@ -197,17 +205,18 @@ def main() -> None:
                 [python, "-m", "r1nest.testing.fake_engine", "--port", str(engine_port), "--served-model", MODEL,
                  "--api-key", ENGINE_KEY, "--reasoning-tokens", str(args.stream_tokens // 2),
                  "--content-tokens", str(args.stream_tokens - args.stream_tokens // 2)],
-                env=env,
+                env=env, preexec_fn=on_cpu(0),
             ))
             wait_http(engine_url + "/health")
             children.append(subprocess.Popen(
                 [python, "-m", "r1nest", "gateway", "--upstream", engine_url, "--served-model", MODEL,
                  "--host", "127.0.0.1", "--port", str(gateway_port), "--data-dir", data_dir],
-                env=env,
+                env=env, preexec_fn=on_cpu(1),
             ))
             wait_http(gateway_url + "/health")
             children.append(subprocess.Popen(
                 [python, __file__, "--serve-memory-gateway", "--port", str(memory_port), "--engine", engine_url], env=env,
+                preexec_fn=on_cpu(1),
             ))
             wait_http(memory_url + "/health")
             keys = ",".join(create_key(url) for url in (gateway_url, memory_url))
@@ -217,7 +226,7 @@ def main() -> None:
                  "--seconds", str(args.seconds), "--repeats", str(args.repeats),
                  "--latency-requests", str(args.latency_requests), "--concurrency", str(args.concurrency),
                  "--stream-concurrency", str(args.stream_concurrency), "--stream-tokens", str(args.stream_tokens)],
-                env=env, capture_output=True, text=True, timeout=1200,
+                env=env, capture_output=True, text=True, timeout=1200, preexec_fn=on_cpu(0),
             )
             if load.returncode != 0:
                 raise SystemExit(f"load generator failed:\n{load.stderr[-3000:]}")
@@ -235,6 +244,7 @@ def main() -> None:
         figures[f"{side}_rps_ratio"] = figures[f"{side}_rps"] / figures["direct_rps"]
         figures[f"{side}_streaming_ratio"] = figures[f"{side}_chunks_per_s"] / figures["direct_chunks_per_s"]
     figures["cpus"] = os.cpu_count()
+    figures["pinned"] = args.pin
     figures["load_average_1m"] = os.getloadavg()[0]
     if args.json:
         print(json.dumps(figures, indent=2))
