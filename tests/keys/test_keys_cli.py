@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-
 from r1nest.accounts import authenticate
 from r1nest.errors import ConfigError, R1nestError, UnknownKey
 from r1nest.keys_cli import keys
@@ -147,7 +146,7 @@ def test_errors_reach_the_user_as_one_line_without_a_traceback(tmp_path: Path) -
     """Through the real entry point: `error: ...` on stderr, exit 1, no stack trace."""
     done = subprocess.run(
         [sys.executable, "-m", "r1nest", "keys", "revoke", "000000000000", "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True, text=True, timeout=60, check=False, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
     assert done.returncode == 1
     assert done.stderr.strip() == "error: no key with id 000000000000"
@@ -237,9 +236,8 @@ def test_bad_url_is_a_config_error(tmp_path: Path, url: str) -> None:
 
 
 def test_a_url_without_an_admin_api_is_named(tmp_path: Path) -> None:
-    from starlette.applications import Starlette
-
     from r1nest.testing.asgi_server import ServedApp
+    from starlette.applications import Starlette
 
     with ServedApp(Starlette()) as served:
         result = remote(tmp_path, served.url, "list")

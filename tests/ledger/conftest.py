@@ -6,9 +6,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-
 from r1nest.ledger.base import Store
-from r1nest.testing.dynamodb import FAKE_AWS_ENV, REGION, moto_dynamodb_server, serialized_mock_aws
+from r1nest.testing.dynamodb import (
+    FAKE_AWS_ENV,
+    REGION,
+    moto_dynamodb_server,
+    serialized_mock_aws,
+)
 
 BACKENDS = ["memory", "sqlite", "dynamodb-moto", "dynamodb-server"]
 

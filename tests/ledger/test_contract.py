@@ -10,7 +10,6 @@ import asyncio
 import random
 
 import pytest
-
 from r1nest.errors import InsufficientCredits, ReservationClosed, StoreError, UnknownKey
 from r1nest.ledger.base import Store
 from r1nest.ledger.rules import MAX_CREDITS

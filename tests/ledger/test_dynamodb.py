@@ -3,17 +3,23 @@ pending index), and what is stored about a key."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-
 from r1nest.accounts import authenticate, create_api_key
-from r1nest.ledger.dynamodb import PENDING_INDEX, TTL_ATTRIBUTE, DynamoStore, create_table, make_client, table_spec
+from r1nest.ledger.dynamodb import (
+    PENDING_INDEX,
+    TTL_ATTRIBUTE,
+    DynamoStore,
+    create_table,
+    make_client,
+    table_spec,
+)
 from r1nest.testing.dynamodb import FAKE_AWS_ENV, REGION
 
 from .conftest import new_table_name
@@ -62,7 +68,7 @@ async def server_store(fake_aws, moto_endpoint):
     await store.close()
 
 
-async def test_two_processes_racing_200_reservations_never_overspend(server_store, tmp_path: Path) -> None:
+async def test_two_processes_racing_200_reservations_never_overspend(server_store) -> None:
     """Issue 7: two gateway processes share one table; 200 reservations at once, 60 affordable."""
     store, table, endpoint = server_store
     affordable = 60
@@ -70,26 +76,31 @@ async def test_two_processes_racing_200_reservations_never_overspend(server_stor
     await store.create_key(key_id=KEY_ID, key_hash="f" * 64, name="t", credits=initial, expires_at=None, now=T0)
 
     env = {**os.environ, **FAKE_AWS_ENV}
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", CHILD, table, endpoint, KEY_ID, "100", str(T0)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )
-        for _ in range(2)
-    ]
-    try:
-        for child in children:
-            assert child.stdout.readline().strip() == "ready", child.stderr.read()[-2000:]
-        for child in children:
-            child.stdin.write("go\n")
-            child.stdin.flush()
-        outputs = [child.communicate(timeout=120) for child in children]
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-    for child, (out, err) in zip(children, outputs):
-        assert child.returncode == 0, err[-2000:]
+
+    def race() -> list[tuple[str, str]]:
+        children = [
+            subprocess.Popen(
+                [sys.executable, "-c", CHILD, table, endpoint, KEY_ID, "100", str(T0)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            )
+            for _ in range(2)
+        ]
+        try:
+            for child in children:
+                assert child.stdout.readline().strip() == "ready", child.stderr.read()[-2000:]
+            for child in children:
+                child.stdin.write("go\n")
+                child.stdin.flush()
+            outputs = [child.communicate(timeout=120) for child in children]
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+        for child, (_, err) in zip(children, outputs):
+            assert child.returncode == 0, err[-2000:]
+        return outputs
+
+    outputs = await asyncio.to_thread(race)
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
 
     assert sum(r["made"] for r in results) == affordable  # not one more, not one less
@@ -192,7 +203,7 @@ async def test_an_unreachable_table_is_a_store_error(fake_aws, moto_endpoint) ->
 
 async def test_list_keys_reads_the_key_index_in_batches(server_store) -> None:
     """More keys than one BatchGetItem returns; postings in the table are not listed as keys."""
-    store, table, endpoint = server_store
+    store, _, _ = server_store
     for i in range(105):
         await store.create_key(key_id=f"{i:012x}", key_hash="f" * 64, name=f"k{i}", credits=1, expires_at=None, now=T0 + i)
     await store.reserve(f"{0:012x}", 1, ttl_s=60, now=T0)
@@ -202,8 +213,6 @@ async def test_list_keys_reads_the_key_index_in_batches(server_store) -> None:
 
 
 async def test_a_cancelled_reserve_gives_its_credits_back(server_store) -> None:
-    import asyncio
-
     store, _, _ = server_store
     await store.create_key(key_id=KEY_ID, key_hash="f" * 64, name="t", credits=100, expires_at=None, now=T0)
     task = asyncio.create_task(store.reserve(KEY_ID, 60, ttl_s=3600, now=T0))

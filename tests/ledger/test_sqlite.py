@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from r1nest.errors import ReservationClosed, StoreError
 from r1nest.ledger import open_and_sweep, open_store
 from r1nest.ledger.sqlite import SqliteStore
@@ -161,7 +160,7 @@ async def test_kill_in_the_middle_of_busy_traffic_leaves_a_consistent_ledger(tmp
         await asyncio.gather(*[worker(n) for n in range(16)])
     """)
     assert read_line(child) == "busy"
-    time.sleep(0.1)
+    await asyncio.sleep(0.1)
     os.kill(child.pid, signal.SIGKILL)
     child.wait(10)
 

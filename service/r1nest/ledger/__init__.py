@@ -14,7 +14,7 @@ from r1nest.ledger.base import KeyRecord, Posting, Reservation, Store
 if TYPE_CHECKING:
     from r1nest.settings import Settings
 
-__all__ = ["KeyRecord", "Posting", "Reservation", "Store", "open_store", "open_and_sweep"]
+__all__ = ["KeyRecord", "Posting", "Reservation", "Store", "open_and_sweep", "open_store"]
 
 
 def open_store(settings: Settings) -> Store:

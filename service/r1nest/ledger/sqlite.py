@@ -31,7 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from r1nest.errors import InsufficientCredits, R1nestError, ReservationClosed, StoreError, UnknownKey
+from r1nest.errors import (
+    InsufficientCredits,
+    R1nestError,
+    ReservationClosed,
+    StoreError,
+    UnknownKey,
+)
 from r1nest.ledger import rules
 from r1nest.ledger.base import KeyRecord, Posting, PostingKind, Reservation
 
@@ -302,7 +308,7 @@ class SqliteStore:
                     batch.append(job)
                 try:
                     outcomes = _run_batch(conn, batch)
-                except Exception as exc:  # keep serving; fail only this batch
+                except Exception as exc:  # noqa: BLE001 - keep serving; fail only this batch
                     error = StoreError(f"ledger error: {type(exc).__name__}: {exc}")
                     outcomes = [(job, None, error) for job in batch]
                 self._answer(outcomes)
@@ -391,7 +397,7 @@ def _run_one(conn: sqlite3.Connection, job: _Job) -> tuple[_Job, Any, BaseExcept
         return job, None, exc
     except sqlite3.Error as exc:
         return job, None, StoreError(f"ledger error: {exc}")
-    except Exception as exc:  # a bug must fail its caller, never kill the writer thread
+    except Exception as exc:  # noqa: BLE001 - a bug fails its caller, never the writer thread
         return job, None, StoreError(f"ledger error: {type(exc).__name__}: {exc}")
 
 

@@ -42,7 +42,7 @@ def _one_table_copy_per_transaction() -> Iterator[None]:
     import copy
     import types
 
-    import moto.dynamodb.models as models
+    from moto.dynamodb import models
 
     original = models.DynamoDBBackend.transact_write_items
 
