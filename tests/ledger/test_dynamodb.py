@@ -227,3 +227,12 @@ async def test_a_cancelled_reserve_gives_its_credits_back(server_store) -> None:
         await asyncio.sleep(0.02)
     assert kinds == ["grant", "reserve", "void"]
     assert await store.balance(KEY_ID) == 100
+
+
+def test_no_region_is_a_config_error(fake_aws, monkeypatch: pytest.MonkeyPatch) -> None:
+    from r1nest.errors import ConfigError
+
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    with pytest.raises(ConfigError, match="region"):
+        DynamoStore("t")

@@ -38,7 +38,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from r1nest.errors import InsufficientCredits, ReservationClosed, StoreError, UnknownKey
+from r1nest.errors import (
+    ConfigError,
+    InsufficientCredits,
+    ReservationClosed,
+    StoreError,
+    UnknownKey,
+)
 from r1nest.ledger import rules
 from r1nest.ledger.base import KeyRecord, Posting, PostingKind, Reservation
 
@@ -146,7 +152,10 @@ class DynamoStore:
         except ImportError:
             raise StoreError("the DynamoDB ledger needs boto3: pip install 'r1nest[aws]'") from None
         self.table = table
-        self._client = make_client(region, endpoint_url)
+        try:
+            self._client = make_client(region, endpoint_url)
+        except botocore.exceptions.BotoCoreError as exc:  # e.g. no region configured
+            raise ConfigError(f"cannot set up the DynamoDB ledger client: {exc}") from None
         self._client_error = botocore.exceptions.ClientError
         self._boto_errors: tuple[type[Exception], ...] = (
             botocore.exceptions.BotoCoreError,
