@@ -242,3 +242,26 @@ def test_a_url_without_an_admin_api_is_named(tmp_path: Path) -> None:
     with ServedApp(Starlette()) as served:
         result = remote(tmp_path, served.url, "list")
     assert "is this an r1nest gateway?" in str(result.exception)
+
+
+def test_local_mode_follows_the_settings_to_dynamodb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """R1NEST_STORE=dynamodb: the same commands on the shared table (moto's server on loopback)."""
+    from r1nest.ledger.dynamodb import create_table
+    from r1nest.testing.dynamodb import FAKE_AWS_ENV, REGION, moto_dynamodb_server
+
+    for name, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    with moto_dynamodb_server() as endpoint:
+        create_table("keys-cli", REGION, endpoint_url=endpoint)
+        env = {
+            "R1NEST_STORE": "dynamodb", "R1NEST_DYNAMODB_TABLE": "keys-cli",
+            "R1NEST_AWS_REGION": REGION, "R1NEST_DYNAMODB_ENDPOINT_URL": endpoint,
+        }
+        created = json.loads(ok(invoke(tmp_path, "create", "--credits", "9", "--json", env=env)))
+        ok(invoke(tmp_path, "topup", created["id"], "1", "--idempotency-key", "a", env=env))
+        ok(invoke(tmp_path, "topup", created["id"], "1", "--idempotency-key", "a", env=env))
+        listed = json.loads(ok(invoke(tmp_path, "list", "--json", env=env)))["data"]
+    assert [(d["id"], d["remaining_credits"]) for d in listed] == [(created["id"], 10)]
+    assert not (tmp_path / "ledger.sqlite3").exists()
