@@ -29,7 +29,7 @@ KEY_ID = "0123456789ab"
 
 CHILD = textwrap.dedent(
     """
-    import asyncio, json, sys
+    import asyncio, json, sys, time
     from r1nest.errors import InsufficientCredits
     from r1nest.ledger.dynamodb import DynamoStore
 
@@ -46,12 +46,14 @@ CHILD = textwrap.dedent(
             except InsufficientCredits:
                 return None
 
+        started = time.time()
         made = [r for r in await asyncio.gather(*[reserve() for _ in range(attempts)]) if r]
+        finished = time.time()
         # settle each at a charge of its own: 0..25 credits
         charges = [i % 26 for i in range(len(made))]
         await asyncio.gather(*[store.settle(r.reservation_id, c, now=t0) for r, c in zip(made, charges)])
         await store.close()
-        print(json.dumps({"made": len(made), "charged": sum(charges),
+        print(json.dumps({"made": len(made), "charged": sum(charges), "span": [started, finished],
                           "lowest_remaining": min((r.remaining_credits for r in made), default=0)}), flush=True)
 
     asyncio.run(main())
@@ -104,7 +106,8 @@ async def test_two_processes_racing_200_reservations_never_overspend(server_stor
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
 
     assert sum(r["made"] for r in results) == affordable  # not one more, not one less
-    assert all(r["made"] > 0 for r in results)  # both processes really raced
+    (first_start, first_end), (second_start, second_end) = (r["span"] for r in results)
+    assert first_start < second_end and second_start < first_end  # the processes really raced
     assert all(r["lowest_remaining"] >= 0 for r in results)
     charged = sum(r["charged"] for r in results)
     balance = await store.balance(KEY_ID)
