@@ -90,6 +90,9 @@ def test_missing_usage_is_paid_by_counting_deltas(harness: Harness) -> None:
     chunks = events(harness.chat(key, stream=True, stream_options={"include_usage": True}))
     assert chunks[-1] == "[DONE]" and not any("error" in c for c in chunks[:-1])
     assert paid(harness, key_id) == 2 * 7  # 7 deltas, no prompt tokens known
+    final = chunks[-2]  # the client asked for usage: it gets what was charged
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == 7
+    assert final["remaining_credits"] == harness.balance(key_id) and final["id"] == chunks[0]["id"]
 
 
 def test_absurd_usage_is_clamped_to_the_reservation(harness: Harness) -> None:

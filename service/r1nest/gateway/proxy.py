@@ -113,10 +113,11 @@ async def forward_whole(exchange: Exchange, upstream: Upstream, path: str, shape
 class StreamTracker:
     """What has flowed through a stream so far; turns engine events into client events."""
 
-    __slots__ = ("keep_usage", "tokens", "last_usage", "final_usage", "usage_payload", "done", "error", "broken")
+    __slots__ = ("keep_usage", "tokens", "last_usage", "final_usage", "usage_payload", "done", "error", "broken", "first")
 
     def __init__(self, *, keep_usage: bool) -> None:
         self.keep_usage = keep_usage
+        self.first: bytes | None = None  # the first chunk, to name a usage chunk the engine did not send
         self.tokens = 0  # generated tokens counted in deltas since the last usage report
         self.last_usage: sse.Usage | None = None
         self.final_usage: sse.Usage | None = None
@@ -129,6 +130,8 @@ class StreamTracker:
         if payload == sse.DONE:
             self.done = True
             return None
+        if self.first is None:
+            self.first = payload
         info = sse.rewrite_chunk(payload, keep_usage=self.keep_usage)
         if info.is_error:
             self.error = True
@@ -224,8 +227,9 @@ async def forward_stream(
     if not exchange.started:
         raise Unavailable("The server is shutting down.", headers={"Retry-After": "5"})
     if tracker.complete:
-        if shaped.client_usage and tracker.usage_payload is not None:
-            await exchange.body(sse.event(sse.with_remaining_credits(tracker.usage_payload, balance)), more=True)
+        if shaped.client_usage:
+            usage_payload = tracker.usage_payload or sse.usage_chunk(tracker.first, prompt_tokens, completion_tokens)
+            await exchange.body(sse.event(sse.with_remaining_credits(usage_payload, balance)), more=True)
     elif interruptible.reason == "drain":
         await exchange.body(_error_event("The server is shutting down; the answer was cut short."), more=True)
     elif timed_out:

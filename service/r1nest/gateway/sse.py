@@ -261,3 +261,22 @@ def with_remaining_credits(usage_payload: bytes, remaining_credits: int) -> byte
     chunk = json.loads(usage_payload)
     chunk["remaining_credits"] = remaining_credits
     return encode(chunk)
+
+
+def usage_chunk(first_chunk: bytes | None, prompt_tokens: int, completion_tokens: int) -> bytes:
+    """A final usage chunk for a stream whose engine sent none (the client asked for usage):
+    the tokens the gateway charged, under the stream's id and model."""
+    try:
+        head = json.loads(first_chunk) if first_chunk else {}
+    except ValueError:
+        head = {}
+    if not isinstance(head, dict):
+        head = {}
+    chunk = {key: head[key] for key in ("id", "object", "created", "model") if key in head}
+    chunk["choices"] = []
+    chunk["usage"] = {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
+    return encode(chunk)
