@@ -240,3 +240,55 @@ def test_partial_stream_pays_last_usage_plus_deltas_counted_after_it() -> None:
     for _ in range(3):
         silent.take(head + b"}")
     assert silent.usage() == (0, 3)
+
+
+# metering -----------------------------------------------------------------------------------
+
+async def _store_with_key(credits: int):  # -> (store, key_id)
+    from r1nest.ledger.memory import MemoryStore
+
+    store = MemoryStore()
+    await store.create_key(key_id="0123456789ab", key_hash="0" * 64, name="t", credits=credits, expires_at=None, now=0.0)
+    return store, "0123456789ab"
+
+
+async def test_reservation_covers_every_choice_and_closes_exactly_once() -> None:
+    from r1nest.errors import InsufficientCredits
+    from r1nest.gateway import metering
+    from r1nest.gateway.metrics import Metrics
+
+    price = Price(prompt_per_mtok=1_000_000, completion_per_mtok=1_000_000)
+    store, key_id = await _store_with_key(1_000)
+    shaped = shaping.shape(
+        {"messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 100}, chat=True, policy=POLICY
+    )
+    ticket = await metering.reserve(
+        store, key_id, 1_000, shaped, price=price, cap=100, ttl_s=60, clock=lambda: 1.0, metrics=Metrics()
+    )
+    assert shaped.body["max_tokens"] == 100
+    assert ticket.credits_reserved == shaped.prompt_tokens_bound + 2 * 100
+    assert await ticket.settle(10, 20) == 1_000 - 30
+    assert await ticket.settle(10, 20) == ticket.reservation.remaining_credits  # a no-op
+    assert await ticket.void() == ticket.reservation.remaining_credits
+    assert [p.kind for p in await store.postings(key_id)] == ["grant", "reserve", "settle"]
+    assert await store.balance(key_id) == 970
+
+    poor, poor_id = await _store_with_key(shaped.prompt_tokens_bound + 1)  # the prompt and 1 token, not 2
+    with pytest.raises(InsufficientCredits):
+        await metering.reserve(poor, poor_id, shaped.prompt_tokens_bound + 1, shaped, price=price, cap=100,
+                               ttl_s=60, clock=lambda: 1.0, metrics=Metrics())
+    assert await poor.balance(poor_id) == shaped.prompt_tokens_bound + 1
+
+
+async def test_a_stale_balance_is_retried_against_the_store() -> None:
+    from r1nest.gateway import metering
+    from r1nest.gateway.metrics import Metrics
+
+    price = Price(prompt_per_mtok=1_000_000, completion_per_mtok=1_000_000)
+    store, key_id = await _store_with_key(300)
+    shaped = shaping.shape({"messages": [{"role": "user", "content": "hi"}]}, chat=True, policy=POLICY)
+    # the caller believes the balance is 10,000; the store knows 300
+    ticket = await metering.reserve(
+        store, key_id, 10_000, shaped, price=price, cap=1_000, ttl_s=60, clock=lambda: 1.0, metrics=Metrics()
+    )
+    assert ticket.credits_reserved == 300 and shaped.body["max_tokens"] == 300 - shaped.prompt_tokens_bound
