@@ -208,3 +208,18 @@ async def test_upstream_is_never_buffered(harness: Harness) -> None:
                     break
     assert first_s < 1.0  # the whole answer takes 1.5 s
     await asyncio.sleep(0)
+
+
+def test_a_fault_mid_stream_still_ends_the_stream(make_harness: Any) -> None:
+    from r1nest.ledger.memory import MemoryStore
+
+    class FailingSettle(MemoryStore):
+        async def settle(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("disk on fire")
+
+    harness = make_harness(store=FailingSettle())
+    _, key = harness.new_key(credits=10_000)
+    response = harness.chat(key, stream=True)
+    chunks = events(response)
+    assert chunks[-1] == "[DONE]" and chunks[-2]["error"]["code"] == "internal_error"
+    assert "disk on fire" not in response.text

@@ -29,7 +29,7 @@ from r1nest.errors import (
     StoreError,
     Unavailable,
 )
-from r1nest.gateway import metering, proxy, routing
+from r1nest.gateway import metering, proxy, routing, sse
 from r1nest.gateway.auth import AdminKey, authenticate
 from r1nest.gateway.exchange import ClientGone, Exchange, Receive, Scope, Send
 from r1nest.gateway.interrupts import Interruptible
@@ -166,9 +166,10 @@ class Gateway:
             )
 
     async def _answer_error(self, exchange: Exchange, exc: ApiError) -> None:
-        if exchange.started:
-            return  # a stream's failures are told in the stream
-        await exchange.error(exc)
+        if not exchange.started:
+            await exchange.error(exc)
+        elif not exchange.finished:  # a stream cut by a fault: end it the way streams end
+            await exchange.body(sse.event(sse.encode(exc.body())) + sse.DONE_EVENT)
 
     async def _dispatch(self, exchange: Exchange, route: Match | NoMatch) -> None:
         if isinstance(route, NoMatch):

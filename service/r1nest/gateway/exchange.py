@@ -28,7 +28,7 @@ class ClientGone(Exception):
 
 
 class Exchange:
-    __slots__ = ("scope", "receive", "send", "status", "started", "remaining_credits", "key_id", "route", "note")
+    __slots__ = ("scope", "receive", "send", "status", "started", "finished", "remaining_credits", "key_id", "route", "note")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, route: str) -> None:
         self.scope = scope
@@ -36,6 +36,7 @@ class Exchange:
         self.send = send
         self.status = 0
         self.started = False
+        self.finished = False
         self.remaining_credits: int | None = None  # set once the caller is authenticated
         self.key_id: str | None = None
         self.route = route
@@ -83,6 +84,7 @@ class Exchange:
         await self.send({"type": "http.response.start", "status": status, "headers": self._headers(base, extra)})
 
     async def body(self, data: bytes, *, more: bool = False) -> None:
+        self.finished = not more
         await self.send({"type": "http.response.body", "body": data, "more_body": more})
 
     async def respond(self, status: int, body: bytes, *, content_type: bytes = b"application/json", extra: dict[str, str] | None = None) -> None:

@@ -172,7 +172,7 @@ async def _pump(response: Response, exchange: Exchange, tracker: StreamTracker) 
     tracker.broken = True
 
 
-def _error_event(message: str) -> bytes:
+def error_event(message: str) -> bytes:
     return sse.event(sse.encode(UpstreamError(message).body()))
 
 
@@ -231,10 +231,10 @@ async def forward_stream(
             usage_payload = tracker.usage_payload or sse.usage_chunk(tracker.first, prompt_tokens, completion_tokens)
             await exchange.body(sse.event(sse.with_remaining_credits(usage_payload, balance)), more=True)
     elif interruptible.reason == "drain":
-        await exchange.body(_error_event("The server is shutting down; the answer was cut short."), more=True)
+        await exchange.body(error_event("The server is shutting down; the answer was cut short."), more=True)
     elif timed_out:
-        await exchange.body(_error_event("The answer exceeded the stream time limit."), more=True)
+        await exchange.body(error_event("The answer exceeded the stream time limit."), more=True)
     else:
-        await exchange.body(_error_event("The engine failed while streaming the answer."), more=True)
+        await exchange.body(error_event("The engine failed while streaming the answer."), more=True)
     await exchange.body(sse.DONE_EVENT)
     return completion_tokens
