@@ -85,6 +85,10 @@ def run_gateway(settings: Settings, *, state: EngineState | None = None, probe_u
 
     if not settings.upstream_url:
         raise ConfigError("the gateway needs an upstream engine URL (--upstream or R1NEST_UPSTREAM_URL)")
+    if not settings.upstream_url.startswith("http://"):
+        raise ConfigError(
+            f"the upstream must be a plain http:// URL on loopback or a private network, got {settings.upstream_url!r}"
+        )
     configure_logging(settings.log_level)
     api_key = settings.upstream_key.get_secret_value() if settings.upstream_key else None
     served_model = settings.served_model or engine_model(settings.upstream_url, api_key) or settings.model
