@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from r1nest.gateway.state import EngineState
+from r1nest.ledger.memory import MemoryStore
 
 from .conftest import ENGINE_KEY, MODEL, Harness
 
@@ -292,3 +293,21 @@ def test_rate_limiter_refills_over_time() -> None:
     assert wait is not None and 0 < wait <= 1.0
     now[0] += 1.0
     assert limiter.acquire("k") is None
+
+
+class _RevokedBeforeReserve(MemoryStore):
+    """A key revoked by an admin between the request's authentication and its reservation."""
+
+    async def reserve(self, key_id, credits, *, ttl_s, now):  # type: ignore[no-untyped-def]
+        await self.revoke_key(key_id)
+        return await super().reserve(key_id, credits, ttl_s=ttl_s, now=now)
+
+
+def test_key_revoked_between_authentication_and_reservation_is_401(make_harness: Any) -> None:
+    harness = make_harness(store=_RevokedBeforeReserve())
+    key_id, key = harness.new_key(credits=10_000)
+    response = harness.chat(key)
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == "invalid_api_key"
+    assert not [r for r in harness.engine.requests if "completions" in r.path]
+    assert harness.balance(key_id) == 10_000

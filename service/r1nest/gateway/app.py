@@ -27,10 +27,12 @@ from r1nest.errors import (
     NotFound,
     RateLimited,
     StoreError,
+    Unauthorized,
     Unavailable,
+    UnknownKey,
 )
 from r1nest.gateway import metering, proxy, routing, sse
-from r1nest.gateway.auth import AdminKey, authenticate
+from r1nest.gateway.auth import INVALID_KEY_MESSAGE, AdminKey, authenticate
 from r1nest.gateway.exchange import ClientGone, Exchange, Receive, Scope, Send
 from r1nest.gateway.interrupts import Interruptible
 from r1nest.gateway.metrics import Metrics
@@ -262,6 +264,8 @@ class Gateway:
         except InsufficientCredits as exc:
             exchange.remaining_credits = exc.remaining_credits
             raise metering.payment_required(exc) from None
+        except UnknownKey:  # revoked or expired since it was authenticated: the same 401
+            raise Unauthorized(INVALID_KEY_MESSAGE) from None
         exchange.remaining_credits = ticket.reservation.remaining_credits
         path = ENGINE_PATHS[kind]
         timeout_s = self.settings.stream_timeout_s
