@@ -1,6 +1,8 @@
 """Register an ApiKey generated outside the box (by Pulumi) with this deployment's ledger.
 
-Run at boot on the head node, before the gateway starts:
+Run at boot on the head node, before the gateway starts; it also keeps the key in the data dir
+(`api_key`, mode 0600, inside the service's own volume) so that the gateway's overview page, behind
+the admin login, can show it:
 
     python -m r1nest.cloud.bootstrap --name default --credits 1000000 < /etc/r1nest/secrets/api_key
 
@@ -74,6 +76,10 @@ def main(argv: list[str] | None = None) -> None:
                 await store.close()
 
         created = asyncio.run(run())
+        # The gateway's overview page (behind the admin login) shows the key from the data dir.
+        from r1nest.overview.sources import API_KEY_FILE, write_key_file
+
+        write_key_file(load_settings().data_dir / API_KEY_FILE, plaintext)
     except R1nestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

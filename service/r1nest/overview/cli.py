@@ -11,13 +11,13 @@ works offline and from file://, with no CDN.
 
 from __future__ import annotations
 
-import os
 import webbrowser
 from pathlib import Path
 
 import click
 
 from r1nest.errors import ConfigError
+from r1nest.files import write_private_text
 from r1nest.overview import sources
 from r1nest.overview.context import OverviewContext
 from r1nest.overview.render import render_overview
@@ -29,14 +29,7 @@ DEFAULT_MODAL_FUNCTION = "serve"
 
 def write_page(ctx: OverviewContext, path: Path) -> Path:
     """The standalone page, written with owner-only permissions (it holds the key)."""
-    html = render_overview(ctx, standalone=True)
-    path = path.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(html)
-    os.chmod(path, 0o600)
-    return path
+    return write_private_text(path, render_overview(ctx, standalone=True))
 
 
 def build_context(

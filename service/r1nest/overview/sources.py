@@ -17,7 +17,6 @@ The I/O (subprocess, HTTP, modal) sits behind small callables so tests pass fake
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass, replace
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from r1nest.errors import ConfigError
+from r1nest.files import write_private_text
 from r1nest.overview.context import OverviewContext, Readiness, api_base_url
 
 # The deployment's ApiKey, as shown on its overview page (mode 0600, one line). `r1nest serve`
@@ -135,12 +135,7 @@ def read_key_file(path: Path) -> str | None:
 
 def write_key_file(path: Path, key: str) -> None:
     """Writes the deployment's ApiKey with owner-only permissions (the file holds a secret)."""
-    path = path.expanduser()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(key + "\n")
-    os.chmod(path, 0o600)
+    write_private_text(path, key + "\n")
 
 
 # -- Pulumi -----------------------------------------------------------------------------------------

@@ -183,6 +183,10 @@ def test_bootstrap_command_registers_the_key_in_the_sqlite_ledger_once(tmp_path)
 
     (record,) = asyncio.run(read())
     assert record.key_hash == hash_key(plaintext) and record.remaining_credits == 777
+    # kept for the gateway's overview page, readable by the service's user only
+    key_file = tmp_path / "api_key"
+    assert key_file.read_text().strip() == plaintext
+    assert key_file.stat().st_mode & 0o777 == 0o600
 
     bad = subprocess.run([sys.executable, "-m", "r1nest.cloud.bootstrap", "--credits", "1"], input="nope",
                          text=True, capture_output=True, env=env, timeout=60)
