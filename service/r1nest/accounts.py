@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from r1nest.errors import ConfigError, StoreError
 from r1nest.keys import ADMIN_PREFIX, digests_equal, hash_key, new_key, parse_key_id
@@ -106,3 +107,15 @@ def _read_admin_key(path: Path) -> str:
     if not value:
         raise ConfigError(f"{path} is empty; delete it to generate a new admin key")
     return value
+
+
+def key_json(record: KeyRecord) -> dict[str, Any]:
+    """A key as the admin API and `r1nest keys list --json` show it: never its hash or secret."""
+    return {
+        "id": record.key_id,
+        "name": record.name,
+        "created_at": record.created_at,
+        "expires_at": record.expires_at,
+        "revoked": record.revoked,
+        "remaining_credits": record.remaining_credits,
+    }

@@ -25,9 +25,10 @@ from urllib.parse import urlsplit
 
 import click
 
+from r1nest import accounts
 from r1nest.errors import ConfigError, R1nestError, UnknownKey
 from r1nest.keys import parse_key_id
-from r1nest.ledger.base import KeyRecord, Store
+from r1nest.ledger.base import Store
 from r1nest.ledger.rules import MAX_CREDITS, MAX_IDEMPOTENCY_KEY_CHARS, MAX_NAME_CHARS
 from r1nest.settings import load_settings
 
@@ -54,17 +55,6 @@ class KeyAdmin(Protocol):
     async def close(self) -> None: ...
 
 
-def key_json(record: KeyRecord) -> dict[str, Any]:
-    return {
-        "id": record.key_id,
-        "name": record.name,
-        "created_at": record.created_at,
-        "expires_at": record.expires_at,
-        "revoked": record.revoked,
-        "remaining_credits": record.remaining_credits,
-    }
-
-
 class LocalKeys:
     """The store itself, as this machine's settings name it."""
 
@@ -81,7 +71,7 @@ class LocalKeys:
         return {"id": record.key_id, "key": plaintext, "name": record.name, "remaining_credits": record.remaining_credits}
 
     async def list(self) -> list[dict[str, Any]]:
-        return [key_json(record) for record in await self._store.list_keys()]
+        return [accounts.key_json(record) for record in await self._store.list_keys()]
 
     async def revoke(self, key_id: str) -> dict[str, Any]:
         record = await self._store.revoke_key(key_id)

@@ -16,21 +16,10 @@ from r1nest import accounts
 from r1nest.errors import BadRequest, NotFound, StoreError, UnknownKey
 from r1nest.gateway.exchange import Exchange
 from r1nest.gateway.routing import Kind, Match
-from r1nest.ledger.base import KeyRecord, Store
+from r1nest.ledger.base import Store
 
 MAX_ADMIN_BODY_BYTES = 16 * 1024
 MAX_POSTINGS = 1000
-
-
-def key_json(record: KeyRecord) -> dict[str, Any]:
-    return {
-        "id": record.key_id,
-        "name": record.name,
-        "created_at": record.created_at,
-        "expires_at": record.expires_at,
-        "revoked": record.revoked,
-        "remaining_credits": record.remaining_credits,
-    }
 
 
 async def _json_body(exchange: Exchange) -> dict[str, Any]:
@@ -55,7 +44,7 @@ async def handle(exchange: Exchange, match: Match, store: Store, clock: Callable
     try:
         if match.kind is Kind.ADMIN_KEYS and method == "GET":
             keys = await store.list_keys()
-            await exchange.json(200, {"object": "list", "data": [key_json(k) for k in keys]})
+            await exchange.json(200, {"object": "list", "data": [accounts.key_json(k) for k in keys]})
         elif match.kind is Kind.ADMIN_KEYS:
             body = await _json_body(exchange)
             name = body.get("name", "")
