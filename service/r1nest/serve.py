@@ -232,7 +232,9 @@ class Display:
 # --- the run --------------------------------------------------------------------------------
 
 
-async def _serve(settings: Any, launch: Launch, display: Display) -> int:
+async def serve_async(settings: Any, launch: Launch, display: Display, *, engine_argv: list[str] | None = None) -> int:
+    """Gateway + supervised engine until a signal. `engine_argv` replaces the profile's command
+    (tests run a fake engine that reads its key from VLLM_API_KEY like vLLM)."""
     from r1nest.accounts import ensure_admin_key
     from r1nest.engines.launcher import EngineSupervisor
     from r1nest.gateway.app import create_app
@@ -250,7 +252,7 @@ async def _serve(settings: Any, launch: Launch, display: Display) -> int:
         engine_port = settings.engine_port if "engine_port" in settings.model_fields_set else None
         supervisor = EngineSupervisor(
             launch.profile, state=state, port=engine_port, data_dir=data_dir, weight_bytes=launch.weight_bytes,
-            log_sink=display.engine_line,
+            log_sink=display.engine_line, argv=engine_argv,
         )
         state.set_warming(supervisor.eta_s)
         gateway_settings = settings.model_copy(update={"served_model": launch.served_model})
@@ -263,8 +265,18 @@ async def _serve(settings: Any, launch: Launch, display: Display) -> int:
         # kill this process before the engine is stopped.
         server.capture_signals = contextlib.nullcontext
         loop = asyncio.get_running_loop()
+
+        def on_signal(sig: int) -> None:
+            name = signal.Signals(sig).name
+            if getattr(server, "draining", False):
+                display.note(f"{name} again: stopping now")
+            else:
+                display.note(f"{name}: refusing new requests, letting {app.state.gateway.open_requests} open "
+                             f"request(s) finish (up to {settings.drain_timeout_s:.0f} s), then stopping the engine")
+            server.handle_exit(sig, None)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, server.handle_exit, sig, None)
+            loop.add_signal_handler(sig, on_signal, sig)
 
         base_url = client_base_url(settings)
         state_doc = {
@@ -330,9 +342,9 @@ def run_serve(settings: Any, *, max_model_len: int | None = None) -> int:
     try:
         import uvloop
 
-        return uvloop.run(_serve(settings, launch, display))
+        return uvloop.run(serve_async(settings, launch, display))
     except ImportError:
-        return asyncio.run(_serve(settings, launch, display))
+        return asyncio.run(serve_async(settings, launch, display))
 
 
 @click.command()

@@ -2,7 +2,8 @@
 
 One server per model for the whole session (vLLM needs a minute or more to start on CPU): each
 starts as a subprocess on a free port with its own data dir and is shared by the tests
-(r1nest.testing.serve_process). Skipped only when vLLM is not installed.
+(r1nest.testing.serve_process); the servers the session needs start side by side. Skipped only
+when vLLM is not installed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from r1nest.gateway.pricing import Price
-from r1nest.testing.serve_process import Served, start_serve
+from r1nest.testing.serve_process import Served, launch_serve, wait_ready
 
 # Prices with a remainder, so that rounding mistakes show up in the credit checks.
 PRICE_PROMPT_PER_MTOK = 1_500_000
@@ -50,22 +51,52 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             for arch in ("deepseek_v3", "qwen2")}
 
 
-def _serve_fixture(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, name: str) -> Iterator[Served]:
-    root = tmp_path_factory.mktemp(f"serve-{name}")
-    served = start_serve(model_dir, root / "data", root / "serve.log", settings_env=SETTINGS_ENV)
+class Servers:
+    """Servers launched on demand. The first fixture that needs one also launches the other
+    models' servers that this session's tests will use, so their startups overlap."""
+
+    def __init__(self, models: dict[str, Path], root: Path, items: list[pytest.Item]) -> None:
+        self.models, self.root = models, root
+        self.wanted = [arch for arch, fixture in FIXTURES.items()
+                       if any(fixture in getattr(item, "fixturenames", ()) for item in items)]
+        self.launched: dict[str, Served] = {}
+
+    def _launch(self, arch: str) -> None:
+        if arch not in self.launched:
+            directory = self.root / arch
+            directory.mkdir()
+            self.launched[arch] = launch_serve(self.models[arch], directory / "data", directory / "serve.log",
+                                               settings_env=SETTINGS_ENV)
+
+    def get(self, arch: str) -> Served:
+        self._launch(arch)
+        for other in self.wanted:
+            self._launch(other)
+        return wait_ready(self.launched[arch])
+
+    def stop_all(self) -> None:
+        for served in self.launched.values():
+            served.stop()
+
+
+FIXTURES = {"deepseek_v3": "serve_v3", "qwen2": "serve_qwen2"}
+
+
+@pytest.fixture(scope="session")
+def servers(request: pytest.FixtureRequest, tiny_models: dict[str, Path],
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    group = Servers(tiny_models, tmp_path_factory.mktemp("serve"), request.session.items)
     try:
-        yield served
+        yield group
     finally:
-        served.stop()
+        group.stop_all()
 
 
 @pytest.fixture(scope="session")
-def serve_v3(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    yield from _serve_fixture(tmp_path_factory, tiny_models["deepseek_v3"], "deepseek-v3")
+def serve_v3(servers: Servers) -> Served:
+    return servers.get("deepseek_v3")
 
 
 @pytest.fixture(scope="session")
-def serve_qwen2(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    yield from _serve_fixture(tmp_path_factory, tiny_models["qwen2"], "qwen2")
-
-
+def serve_qwen2(servers: Servers) -> Served:
+    return servers.get("qwen2")

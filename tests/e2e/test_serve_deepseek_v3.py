@@ -111,7 +111,6 @@ def test_client_disconnect_frees_the_engine(serve_v3: Served, price: Price) -> N
         time.sleep(0.1)
     spent = before - after
     assert 0 < spent < cost(price, 10, 1500)
-    assert spent <= cost(price, 50, 600)
 
 
 def test_engine_is_on_loopback_behind_its_own_key_which_never_leaks(serve_v3: Served) -> None:

@@ -262,7 +262,7 @@ class EngineSupervisor:
                 fd = os.open(Path(secrets_dir) / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "w", encoding="utf-8") as handle:
                     handle.write(text)
-        argv = self._argv_override or engine_argv(
+        argv = [a.replace("{port}", str(self.port)) for a in self._argv_override] if self._argv_override else engine_argv(
             self.profile, host=LOOPBACK, port=self.port, secrets_dir=secrets_dir
         )
         if self.profile.engine == "vllm":

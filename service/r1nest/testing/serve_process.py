@@ -1,6 +1,7 @@
 """`r1nest serve` as a child process, as a user starts it: for end-to-end tests and benchmarks.
 
     served = start_serve(model_dir, data_dir, log_path)   # returns once /health says ready
+    (or launch_serve(...) now, wait_ready(served) later: several servers start side by side)
     served.url, served.key, served.engine_url, served.engine_pid, served.warming_health
     served.stop()                                         # SIGTERM (drain), returns the exit code
 
@@ -48,6 +49,7 @@ class Served:
     warming_health: httpx.Response | None = None
     warming_chat: httpx.Response | None = None
     startup_s: float = 0.0
+    started: float = 0.0  # time.monotonic() at launch
     state: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -81,29 +83,43 @@ class Served:
         return self.process.returncode
 
 
-def start_serve(
+def launch_serve(
     model_dir: Path, data_dir: Path, log_path: Path, *, settings_env: dict[str, str] | None = None,
-    startup_timeout_s: float = STARTUP_TIMEOUT_S,
 ) -> Served:
-    """Start `r1nest serve` on a free port; `settings_env` are R1NEST_* settings for it (the
-    caller's own R1NEST_* variables are not passed on)."""
+    """Start `r1nest serve` on a free port and return at once (see wait_ready). `settings_env`
+    are R1NEST_* settings for it; the caller's own R1NEST_* variables are not passed on."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("R1NEST_")}
     env.update(settings_env or {})
-    log = open(log_path, "wb")
-    started = time.monotonic()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "r1nest", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--data-dir", str(data_dir)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    served = Served(process=process, url=f"http://127.0.0.1:{port}", data_dir=data_dir, log_path=log_path)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "r1nest", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+             "--port", str(port), "--data-dir", str(data_dir)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    return Served(process=process, url=f"http://127.0.0.1:{port}", data_dir=data_dir, log_path=log_path,
+                  started=time.monotonic())
+
+
+def wait_ready(served: Served, *, timeout_s: float = STARTUP_TIMEOUT_S) -> Served:
+    """Block until the gateway says ready (stopping the server if it never does)."""
+    if served.state.get("engine_pid"):
+        return served
     try:
-        _wait_until_ready(served, started, startup_timeout_s)
+        _wait_until_ready(served, served.started, timeout_s)
     except BaseException:
         served.stop(30)
         raise
     return served
+
+
+def start_serve(
+    model_dir: Path, data_dir: Path, log_path: Path, *, settings_env: dict[str, str] | None = None,
+    startup_timeout_s: float = STARTUP_TIMEOUT_S,
+) -> Served:
+    """launch_serve + wait_ready."""
+    served = launch_serve(model_dir, data_dir, log_path, settings_env=settings_env)
+    return wait_ready(served, timeout_s=startup_timeout_s)
 
 
 def _wait_until_ready(served: Served, started: float, timeout_s: float) -> None:
