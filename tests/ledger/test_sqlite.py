@@ -1,5 +1,6 @@
-"""SQLite specifics: durability settings, crashes (SIGKILL between reserve and settle), reopening,
-two processes on one file, the writer thread, and callers that stop waiting."""
+"""SQLite specifics: durability settings (which operations commit with synchronous FULL and which
+with NORMAL), crashes (SIGKILL between reserve and settle), reopening, two processes on one file,
+the writer thread, and callers that stop waiting."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 from r1nest.errors import ReservationClosed, StoreError
 from r1nest.ledger import open_and_sweep, open_store
-from r1nest.ledger.sqlite import SqliteStore
+from r1nest.ledger.sqlite import SYNC_FULL, SYNC_NORMAL, SqliteStore, sync_level
 from r1nest.settings import Settings
 
 T0 = 1_700_000_000.0
@@ -64,11 +67,130 @@ def read_line(child: subprocess.Popen[str], timeout_s: float = 30.0) -> str:
     return result[0].strip()
 
 
-async def test_durability_settings(tmp_path: Path) -> None:
-    store = await new_store(tmp_path / "l.sqlite3")
+async def test_durability_settings_at_startup(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "l.sqlite3")  # the schema is created with FULL commits
     synchronous = await store._submit(lambda c: c.execute("PRAGMA synchronous").fetchone()[0], writes=False)
     mode = await store._submit(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0], writes=False)
-    assert (synchronous, mode) == (2, "wal")  # 2 = FULL: a commit is on disk when it returns
+    assert (synchronous, mode) == (SYNC_FULL, "wal")  # FULL: a commit is on disk when it returns
+    await store.close()
+
+
+def test_only_reserve_void_and_sweep_may_commit_without_fsync() -> None:
+    cases = [
+        ((), SYNC_NORMAL),
+        (("reserve",), SYNC_NORMAL),
+        (("void",), SYNC_NORMAL),
+        (("sweep",), SYNC_NORMAL),
+        (("reserve", "void", "sweep", "reserve"), SYNC_NORMAL),
+        (("settle",), SYNC_FULL),
+        (("topup",), SYNC_FULL),
+        (("create_key",), SYNC_FULL),
+        (("revoke_key",), SYNC_FULL),
+        (("other",), SYNC_FULL),  # anything unnamed or new is durable
+        (("reserve", "reserve", "settle", "void"), SYNC_FULL),
+        (("void", "topup"), SYNC_FULL),
+        (("sweep", "revoke_key"), SYNC_FULL),
+    ]
+    for operations, level in cases:
+        assert sync_level(operations) == level, operations
+
+
+def record_commits(store: SqliteStore) -> list[tuple[tuple[str, ...], int]]:
+    """Each commit's write operations and the synchronous level in force, read inside the
+    transaction just before COMMIT (the level SQLite applies to that commit)."""
+    commits: list[tuple[tuple[str, ...], int]] = []
+    store.before_commit = lambda conn, ops: commits.append(
+        (ops, conn.execute("PRAGMA synchronous").fetchone()[0])
+    )
+    return commits
+
+
+async def test_each_operation_commits_with_the_durability_it_needs(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "l.sqlite3")
+    commits = record_commits(store)
+    await store.create_key(key_id=KEY_ID, key_hash="f" * 64, name="t", credits=1000, expires_at=None, now=T0)
+    first = await store.reserve(KEY_ID, 100, ttl_s=60, now=T0)
+    await store.settle(first.reservation_id, 40, now=T0)
+    second = await store.reserve(KEY_ID, 100, ttl_s=60, now=T0)
+    await store.void(second.reservation_id, now=T0)
+    await store.topup(KEY_ID, 5, idempotency_key="a", now=T0)
+    await store.reserve(KEY_ID, 100, ttl_s=60, now=T0)
+    assert await store.sweep_expired(now=T0 + 61) == 1
+    await store.revoke_key(KEY_ID)
+    # reads open no transaction and commit nothing
+    await store.get_key(KEY_ID)
+    await store.balance(KEY_ID)
+    await store.postings(KEY_ID)
+    await store.list_keys()
+    assert commits == [
+        (("create_key",), SYNC_FULL),
+        (("reserve",), SYNC_NORMAL),
+        (("settle",), SYNC_FULL),
+        (("reserve",), SYNC_NORMAL),
+        (("void",), SYNC_NORMAL),
+        (("topup",), SYNC_FULL),
+        (("reserve",), SYNC_NORMAL),
+        (("sweep",), SYNC_NORMAL),
+        (("revoke_key",), SYNC_FULL),
+    ]
+    await assert_consistent(store, 1000 - 40 + 5)
+    await store.close()
+
+
+async def test_a_reservation_voided_for_a_departed_caller_commits_without_fsync(tmp_path: Path) -> None:
+    store = await new_store(tmp_path / "l.sqlite3", credits=100)
+    commits = record_commits(store)
+    task = asyncio.create_task(store.reserve(KEY_ID, 60, ttl_s=3600, now=T0))
+    await asyncio.sleep(0)  # queued to the writer
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):
+        if len(commits) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert commits == [(("reserve",), SYNC_NORMAL), (("void",), SYNC_NORMAL)]
+    await assert_consistent(store, 100)
+    await store.close()
+
+
+async def test_a_batch_commits_full_if_any_operation_in_it_needs_it(tmp_path: Path) -> None:
+    store = await new_store(tmp_path / "l.sqlite3", credits=1000)
+    to_settle = await store.reserve(KEY_ID, 10, ttl_s=60, now=T0)
+    to_void = await store.reserve(KEY_ID, 10, ttl_s=60, now=T0)
+    commits = record_commits(store)
+    started, release = threading.Event(), threading.Event()
+
+    def hold_the_writer(conn: sqlite3.Connection) -> None:
+        started.set()
+        release.wait(10)
+
+    async def one_batch(*operations: Coroutine[Any, Any, object]) -> None:
+        """Run the operations as one group-committed batch: the writer is held until all are queued."""
+        started.clear()
+        release.clear()
+        held = asyncio.create_task(store._submit(hold_the_writer, writes=False))
+        assert await asyncio.to_thread(started.wait, 10)
+        tasks = [asyncio.create_task(op) for op in operations]
+        for _ in range(100):
+            await asyncio.sleep(0)  # every task queues its operation
+        release.set()
+        await held
+        await asyncio.gather(*tasks)
+
+    await one_batch(*[store.reserve(KEY_ID, 1, ttl_s=60, now=T0) for _ in range(3)])
+    await one_batch(
+        store.reserve(KEY_ID, 1, ttl_s=60, now=T0),
+        store.settle(to_settle.reservation_id, 4, now=T0),
+        store.reserve(KEY_ID, 1, ttl_s=60, now=T0),
+    )
+    await one_batch(store.void(to_void.reservation_id, now=T0), store.topup(KEY_ID, 1, idempotency_key="x", now=T0))
+    assert commits == [
+        (("reserve", "reserve", "reserve"), SYNC_NORMAL),
+        (("reserve", "settle", "reserve"), SYNC_FULL),
+        (("void", "topup"), SYNC_FULL),
+    ]
+    await assert_consistent(store, 1000 - 4 - 3 * 1 - 2 * 1 + 1)
     await store.close()
 
 
@@ -126,7 +248,7 @@ async def test_kill_between_reserve_and_settle_then_sweep_restores_the_balance(t
     assert child.wait(10) == -signal.SIGKILL
 
     store = SqliteStore(path)
-    await assert_consistent(store, 600)  # the reservation was durable
+    await assert_consistent(store, 600)  # the reservation (a NORMAL commit) survived the kill
     assert await store.sweep_expired(now=T0 + 59) == 0  # not yet expired: a live stream keeps it
     assert await store.sweep_expired(now=T0 + 61) == 1
     await assert_consistent(store, 1000)
@@ -136,6 +258,34 @@ async def test_kill_between_reserve_and_settle_then_sweep_restores_the_balance(t
     ]
     with pytest.raises(ReservationClosed):
         await store.settle(reservation_id, 1, now=T0 + 62)
+    await store.close()
+
+
+async def test_kill_after_a_void_keeps_the_void(tmp_path: Path) -> None:
+    """Reserve and void commit with synchronous=NORMAL: both survive a killed process."""
+    path = tmp_path / "l.sqlite3"
+    store = await new_store(path, credits=1000)
+    await store.close()
+
+    child = run_child(path, f"""
+        kept = await store.reserve({KEY_ID!r}, 300, ttl_s=60, now={T0})
+        voided = await store.reserve({KEY_ID!r}, 200, ttl_s=60, now={T0})
+        await store.void(voided.reservation_id, now={T0})
+        print(kept.reservation_id, voided.reservation_id, flush=True)
+        await asyncio.sleep(60)
+    """)
+    kept, voided = read_line(child).split()
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.wait(10) == -signal.SIGKILL
+
+    store = SqliteStore(path)
+    await assert_consistent(store, 700)
+    assert [(p.kind, p.credits, p.reservation_id) for p in await store.postings(KEY_ID)] == [
+        ("grant", 1000, None), ("reserve", -300, kept), ("reserve", -200, voided), ("void", 200, voided),
+    ]
+    with pytest.raises(ReservationClosed):
+        await store.settle(voided, 1, now=T0)
+    assert await store.settle(kept, 100, now=T0) == 900
     await store.close()
 
 

@@ -1,4 +1,4 @@
-"""The embedded ledger: one SQLite file (WAL, synchronous=FULL) owned by one writer thread.
+"""The embedded ledger: one SQLite file (WAL journal) owned by one writer thread.
 
 Why a thread: sqlite3 calls block, and the gateway runs on an asyncio loop. Every operation is
 queued to a dedicated thread holding the only connection, so writes are serialized without
@@ -7,7 +7,18 @@ locks and the loop never waits on disk.
 Why group commit: a durable commit costs an fsync. The thread takes every operation waiting in
 the queue (up to `max_batch`) and runs them in one transaction, each inside its own SAVEPOINT:
 an operation that fails (say, insufficient credits) rolls back only itself. Callers are answered
-after COMMIT returns, so an answered operation is on disk.
+after COMMIT returns.
+
+Durability where it carries money: a commit with synchronous=FULL is on disk when it returns
+(one fsync of the WAL); with synchronous=NORMAL it survives a killed process (the WAL frames are
+in the operating system's cache) but a power cut or OS crash may take it back. SQLite's WAL
+recovers a prefix of the commits (checksummed frames, read in order), and a FULL commit fsyncs
+the whole WAL, so a power cut can only take back a tail of NORMAL commits made after the last
+FULL one. Settle, top-up, key creation and revocation commit FULL: they are money or security
+facts the caller acts on. Reserve, void and sweep commit NORMAL: losing a reservation is
+voiding it (its request died with the machine), and a lost void leaves the reservation pending
+for the sweeper. A batch commits FULL if any operation in it needs FULL (`sync_level`). The
+reasoning in full is in docs/ledger.md.
 
 Crash behaviour: a reservation, the balance change and its posting are one transaction, so a
 killed process leaves either all of them or none. A reservation left pending by a crash is
@@ -20,6 +31,7 @@ WAL lets them read, and their writes wait on SQLite's lock (busy timeout) instea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import queue
@@ -27,7 +39,7 @@ import sqlite3
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +57,12 @@ MAX_BATCH = 256  # operations per transaction
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's lock
 STARTUP_TIMEOUT_S = 30.0
 SWEEP_CHUNK = 1000
+
+SYNC_NORMAL = 1  # PRAGMA synchronous values
+SYNC_FULL = 2
+# Operations a power cut may take back without losing or creating credits (docs/ledger.md);
+# every other write, named or not, commits with synchronous=FULL.
+RELAXED_OPERATIONS = frozenset({"reserve", "void", "sweep"})
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -92,9 +110,15 @@ _KEY_COLUMNS = "key_id, name, key_hash, created_at, expires_at, revoked, remaini
 Operation = Callable[[sqlite3.Connection], Any]
 
 
+def sync_level(operations: Iterable[str]) -> int:
+    """The synchronous level a transaction holding these write operations commits with."""
+    return SYNC_NORMAL if all(op in RELAXED_OPERATIONS for op in operations) else SYNC_FULL
+
+
 @dataclasses.dataclass(slots=True)
 class _Job:
     run: Operation
+    operation: str  # what it is ("reserve", "settle", ...): decides the commit's durability
     writes: bool
     loop: asyncio.AbstractEventLoop | None  # None: nobody waits for the answer
     future: asyncio.Future[Any] | None
@@ -111,6 +135,10 @@ class SqliteStore:
         self._closed = False
         self._ready = threading.Event()
         self._startup_error: str | None = None
+        self._synchronous = SYNC_FULL  # the connection's level; _connect sets FULL
+        # For tests: called inside each write transaction just before COMMIT with the
+        # connection and the names of the write operations in it.
+        self.before_commit: Callable[[sqlite3.Connection, tuple[str, ...]], None] | None = None
         self._thread = threading.Thread(target=self._writer, name="r1nest-ledger", daemon=True)
         self._thread.start()
         if not self._ready.wait(STARTUP_TIMEOUT_S):
@@ -137,24 +165,24 @@ class SqliteStore:
             _post(conn, key_id, "grant", credits, now)
             return KeyRecord(key_id, name, key_hash, now, expires_at, False, credits)
 
-        return await self._submit(run)
+        return await self._submit(run, "create_key")
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
-        return await self._submit(lambda conn: _get_key(conn, key_id), writes=False)
+        return await self._submit(lambda conn: _get_key(conn, key_id), "get_key", writes=False)
 
     async def list_keys(self) -> list[KeyRecord]:
         def run(conn: sqlite3.Connection) -> list[KeyRecord]:
             rows = conn.execute(f"SELECT {_KEY_COLUMNS} FROM keys ORDER BY created_at, key_id")
             return [_key_record(row) for row in rows]
 
-        return await self._submit(run, writes=False)
+        return await self._submit(run, "list_keys", writes=False)
 
     async def revoke_key(self, key_id: str) -> KeyRecord:
         def run(conn: sqlite3.Connection) -> KeyRecord:
             conn.execute("UPDATE keys SET revoked = 1 WHERE key_id = ?", (key_id,))
             return _require_key(conn, key_id)
 
-        return await self._submit(run)
+        return await self._submit(run, "revoke_key")
 
     async def topup(self, key_id: str, credits: int, *, idempotency_key: str, now: float) -> int:
         rules.check_credits(credits, what="top-up credits", minimum=1)
@@ -175,10 +203,12 @@ class SqliteStore:
             )
             return _post(conn, key_id, "topup", credits, now, note=f"idempotency-key {idempotency_key}")
 
-        return await self._submit(run)
+        return await self._submit(run, "topup")
 
     async def balance(self, key_id: str) -> int:
-        return await self._submit(lambda conn: _require_key(conn, key_id).remaining_credits, writes=False)
+        return await self._submit(
+            lambda conn: _require_key(conn, key_id).remaining_credits, "balance", writes=False
+        )
 
     async def reserve(self, key_id: str, credits: int, *, ttl_s: float, now: float) -> Reservation:
         rules.check_credits(credits, what="reserved credits")
@@ -209,16 +239,16 @@ class SqliteStore:
 
         def void_orphan(reservation: Reservation) -> None:
             if not self._closed:  # else the sweeper voids it after its deadline
-                self._enqueue(lambda conn: _close(conn, reservation.reservation_id, None, now), None)
+                self._enqueue(lambda conn: _close(conn, reservation.reservation_id, None, now), "void", None)
 
-        return await self._submit(run, on_orphan=void_orphan)
+        return await self._submit(run, "reserve", on_orphan=void_orphan)
 
     async def settle(self, reservation_id: str, credits_charged: int, *, now: float) -> int:
         rules.check_credits(credits_charged, what="charged credits")
-        return await self._submit(lambda conn: _close(conn, reservation_id, credits_charged, now))
+        return await self._submit(lambda conn: _close(conn, reservation_id, credits_charged, now), "settle")
 
     async def void(self, reservation_id: str, *, now: float) -> int:
-        return await self._submit(lambda conn: _close(conn, reservation_id, None, now))
+        return await self._submit(lambda conn: _close(conn, reservation_id, None, now), "void")
 
     async def sweep_expired(self, *, now: float) -> int:
         def run(conn: sqlite3.Connection) -> int:
@@ -238,7 +268,7 @@ class SqliteStore:
                 if len(expired) < SWEEP_CHUNK:
                     return voided
 
-        return await self._submit(run)
+        return await self._submit(run, "sweep")
 
     async def postings(self, key_id: str) -> list[Posting]:
         def run(conn: sqlite3.Connection) -> list[Posting]:
@@ -250,7 +280,7 @@ class SqliteStore:
             )
             return [Posting(*row) for row in rows]
 
-        return await self._submit(run, writes=False)
+        return await self._submit(run, "postings", writes=False)
 
     async def close(self) -> None:
         if self._closed:
@@ -262,16 +292,18 @@ class SqliteStore:
     # the writer thread --------------------------------------------------------------------
 
     async def _submit(
-        self, run: Operation, *, writes: bool = True, on_orphan: Callable[[Any], None] | None = None
+        self, run: Operation, operation: str = "other", *, writes: bool = True,
+        on_orphan: Callable[[Any], None] | None = None,
     ) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._enqueue(run, loop, future, writes=writes, on_orphan=on_orphan)
+        self._enqueue(run, operation, loop, future, writes=writes, on_orphan=on_orphan)
         return await future
 
     def _enqueue(
         self,
         run: Operation,
+        operation: str,
         loop: asyncio.AbstractEventLoop | None,
         future: asyncio.Future[Any] | None = None,
         *,
@@ -280,7 +312,7 @@ class SqliteStore:
     ) -> None:
         if self._closed:
             raise StoreError("the ledger is closed")
-        self._queue.put(_Job(run, writes, loop, future, on_orphan))
+        self._queue.put(_Job(run, operation, writes, loop, future, on_orphan))
 
     def _writer(self) -> None:
         try:
@@ -307,13 +339,55 @@ class SqliteStore:
                         break
                     batch.append(job)
                 try:
-                    outcomes = _run_batch(conn, batch)
+                    outcomes = self._run_batch(conn, batch)
                 except Exception as exc:  # noqa: BLE001 - keep serving; fail only this batch
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
                     error = StoreError(f"ledger error: {type(exc).__name__}: {exc}")
                     outcomes = [(job, None, error) for job in batch]
                 self._answer(outcomes)
         finally:
             conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> list[tuple[_Job, Any, BaseException | None]]:
+        """Run every job of the batch; one transaction when any of them writes, committed with
+        the synchronous level its write operations need."""
+        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        operations = tuple(job.operation for job in batch if job.writes)
+        if not operations:
+            for job in batch:
+                outcomes.append(_run_one(conn, job))
+            return outcomes
+        try:
+            level = sync_level(operations)
+            if level != self._synchronous:  # only between transactions: SQLite refuses it inside
+                conn.execute(f"PRAGMA synchronous = {level}")
+                self._synchronous = level
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            error = StoreError(f"the ledger is unavailable: {exc}")
+            return [(job, None, error) for job in batch]
+        try:
+            for job in batch:
+                if not job.writes:
+                    outcomes.append(_run_one(conn, job))
+                    continue
+                conn.execute("SAVEPOINT op")
+                outcome = _run_one(conn, job)
+                if outcome[2] is not None:
+                    conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                outcomes.append(outcome)
+            if self.before_commit is not None:
+                self.before_commit(conn, operations)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = StoreError(f"the ledger could not commit: {exc}")
+            return [(job, None, error) for job in batch]
+        return outcomes
 
     def _answer(self, outcomes: list[tuple[_Job, Any, BaseException | None]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any, BaseException | None]]] = defaultdict(list)
@@ -356,38 +430,6 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys = ON")
     conn.executescript(SCHEMA)
     return conn
-
-
-def _run_batch(conn: sqlite3.Connection, batch: list[_Job]) -> list[tuple[_Job, Any, BaseException | None]]:
-    """Run every job of the batch; one transaction when any of them writes."""
-    outcomes: list[tuple[_Job, Any, BaseException | None]] = []
-    if not any(job.writes for job in batch):
-        for job in batch:
-            outcomes.append(_run_one(conn, job))
-        return outcomes
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.Error as exc:
-        error = StoreError(f"the ledger is unavailable: {exc}")
-        return [(job, None, error) for job in batch]
-    try:
-        for job in batch:
-            if not job.writes:
-                outcomes.append(_run_one(conn, job))
-                continue
-            conn.execute("SAVEPOINT op")
-            outcome = _run_one(conn, job)
-            if outcome[2] is not None:
-                conn.execute("ROLLBACK TO op")
-            conn.execute("RELEASE op")
-            outcomes.append(outcome)
-        conn.execute("COMMIT")
-    except sqlite3.Error as exc:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        error = StoreError(f"the ledger could not commit: {exc}")
-        return [(job, None, error) for job in batch]
-    return outcomes
 
 
 def _run_one(conn: sqlite3.Connection, job: _Job) -> tuple[_Job, Any, BaseException | None]:
