@@ -6,7 +6,7 @@
 Each simulated request does what the gateway does: get_key (authenticate), reserve, settle.
 `--concurrency` requests are in flight at once on one asyncio loop. For SQLite the run is
 repeated with group commit off (`max_batch=1`: one fsync per operation) to show what batching
-buys. The ledger is a durable SQLite file (WAL, synchronous=FULL) in a temporary directory.
+buys. The ledger is a durable SQLite file (WAL; settle, top-up, key creation and revocation commit with synchronous=FULL, reserve and void with NORMAL: docs/ledger.md) in a temporary directory.
 """
 
 from __future__ import annotations
