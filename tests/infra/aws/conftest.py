@@ -111,6 +111,14 @@ def _run(config: dict[str, str], plant: Plant | None, region: str | None, via_ma
 
     from r1nest_aws import program
 
+    # pulumi (set_mocks included) drives its loop through asyncio.get_event_loop(); a test that ran asyncio.run() before
+    # leaves none (or a closed one) behind: give pulumi a fresh one then, and keep it
+    try:
+        usable = not asyncio.get_event_loop_policy().get_event_loop().is_closed()
+    except RuntimeError:
+        usable = False
+    if not usable:
+        asyncio.set_event_loop(asyncio.new_event_loop())
     mocks = RecordingMocks()
     settings.ROOT.set(None)  # a fresh root stack for every run
     pulumi.runtime.set_mocks(mocks, project="r1nest", stack="test", preview=False)
@@ -142,14 +150,6 @@ def _run(config: dict[str, str], plant: Plant | None, region: str | None, via_ma
 
         return asyncio.ensure_future(collect())
 
-    # pulumi drives its loop through asyncio.get_event_loop(); a test that ran asyncio.run() before
-    # leaves none (or a closed one) behind: give pulumi a fresh one then, and keep it
-    try:
-        usable = not asyncio.get_event_loop_policy().get_event_loop().is_closed()
-    except RuntimeError:
-        usable = False
-    if not usable:
-        asyncio.set_event_loop(asyncio.new_event_loop())
     body()
     return StackRun(mocks.resources, outputs, secret, dict(config))
 
