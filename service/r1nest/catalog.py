@@ -353,7 +353,7 @@ def spec_from_config(
         num_layers=layers,
         num_attention_heads=heads,
         native_context=context,
-        default_context=min(context, 2048),
+        default_context=context,  # the checkpoint's own; the CPU plan caps it by KV memory
         is_local=True,
         licence="local checkpoint",
         sources=(f"{location}/config.json",),

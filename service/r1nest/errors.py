@@ -94,6 +94,10 @@ class BadRequest(ApiError):
     status_code, error_type, code = 400, "invalid_request_error", "invalid_request"
 
 
+class ContextLengthExceeded(BadRequest):
+    code = "context_length_exceeded"  # OpenAI's code for a prompt (+ max_tokens) over the context
+
+
 class Unauthorized(ApiError):
     status_code, error_type, code = 401, "invalid_request_error", "invalid_api_key"
 

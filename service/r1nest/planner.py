@@ -313,7 +313,7 @@ def plan(
         )
 
     if cloud == "local" and hardware_class in (None, "cpu") and not local_gpus:
-        return _cpu_plan(spec, engine, ctx, concurrency)
+        return _cpu_plan(spec, engine, ctx, concurrency, context_given=context is not None)
     if hardware_class == "cpu":
         raise PlanError("CPU plans exist for cloud 'local' only (vLLM's CPU build).",
                         ["--cloud local --hardware-class cpu"])
@@ -428,7 +428,7 @@ def _make_plan(
     )
 
 
-def _cpu_plan(spec: ModelSpec, engine: EngineName, ctx: int, concurrency: int) -> Plan:
+def _cpu_plan(spec: ModelSpec, engine: EngineName, ctx: int, concurrency: int, *, context_given: bool = True) -> Plan:
     if engine != "vllm":
         raise PlanError("On CPU r1nest runs vLLM's CPU build only.", ["--engine vllm"])
     if spec.weight_bytes > 8 * GIB:
@@ -441,6 +441,8 @@ def _cpu_plan(spec: ModelSpec, engine: EngineName, ctx: int, concurrency: int) -
     kv_dtype = "auto" if spec.weight_dtype != "fp32" else "bf16"
     per_token = spec.kv_bytes_per_token("bf16")
     capacity = CPU_KVCACHE_GIB * GIB // per_token
+    if not context_given:  # the model's own context, as far as the KV cache holds `concurrency` of them
+        ctx = max(1, min(ctx, capacity // concurrency))
     max_conc = min(CPU_MAX_NUM_SEQS, capacity // ctx)
     if max_conc < concurrency:
         raise PlanError(

@@ -258,7 +258,8 @@ async def serve_async(settings: Any, launch: Launch, display: Display, *, engine
         gateway_settings = settings.model_copy(update={"served_model": launch.served_model})
         app = create_app(
             settings=gateway_settings, store=store, state=state, admin_key=admin_key, probe_upstream=False,
-            upstream=UpstreamConfig(url=supervisor.url, api_key=supervisor.api_key, served_model=launch.served_model),
+            upstream=UpstreamConfig(url=supervisor.url, api_key=supervisor.api_key, served_model=launch.served_model,
+                                    max_model_len=launch.profile.context or None),
         )
         server = uvicorn_server(app, gateway_settings)
         # serve's own signal handling: uvicorn's would re-raise the signal after shutdown and

@@ -118,11 +118,12 @@ def test_messages_cap_is_400(make_harness: Any) -> None:
 
 
 def test_unaffordable_request_is_406_and_max_tokens_is_lowered_to_the_balance(harness: Harness) -> None:
-    key_id, key = harness.new_key(credits=10)
+    # the engine counts "hello there" as 4 prompt tokens: 4 credits + 2 for one token > 5
+    key_id, key = harness.new_key(credits=5)
     response = harness.chat(key)
     assert response.status_code == 406
     assert response.json()["error"]["code"] == "insufficient_credits"
-    assert response.headers["x-remaining-credits"] == "10"
+    assert response.headers["x-remaining-credits"] == "5"
     assert not [r for r in harness.engine.requests if r.path == "/v1/chat/completions"]
 
     key_id, key = harness.new_key(credits=200)

@@ -127,7 +127,7 @@ def _read_until(sock: socket.socket, marker_count: int) -> bytes:
     """Read until `marker_count` reasoning/content deltas have arrived."""
     data = b""
     deadline = time.monotonic() + 10
-    while data.count(b'"delta":{"reasoning_content"') + data.count(b'"delta":{"content":"word') < marker_count:
+    while data.count(b'"reasoning_content"') + data.count(b'"delta":{"content":"word') < marker_count:
         assert time.monotonic() < deadline, data
         data += sock.recv(65536)
     return data

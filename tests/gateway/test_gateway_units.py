@@ -120,7 +120,7 @@ def test_prompt_bound_covers_every_byte_of_text() -> None:
     bound = shaping.chat_prompt_bound(messages)
     assert bound >= len(text.encode("utf-8")) + shaping.TEMPLATE_OVERHEAD_TOKENS
     assert shaping.completion_prompt_bound([1, 2, 3])[0] == 3 + shaping.TEMPLATE_OVERHEAD_TOKENS
-    assert shaping.completion_prompt_bound(["ab", "cd"]) == (4 + 2 * shaping.TEMPLATE_OVERHEAD_TOKENS, 2)
+    assert shaping.completion_prompt_bound(["ab", "cde"]) == (5 + 2 * shaping.TEMPLATE_OVERHEAD_TOKENS, 2, 3 + shaping.TEMPLATE_OVERHEAD_TOKENS)
 
 
 def test_prompt_bound_holds_for_a_real_byte_level_bpe_tokenizer() -> None:
@@ -149,7 +149,7 @@ def test_reasoning_is_renamed_and_unasked_usage_dropped_byte_exact() -> None:
     info = sse.rewrite_chunk(VLLM_REASONING_CHUNK, keep_usage=False)
     assert info.payload == (
         b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":'
-        b'[{"index":0,"delta":{"reasoning_content":"Let me think"},"logprobs":null,"finish_reason":null}]}'
+        b'[{"index":0,"delta":{"content":"","reasoning_content":"Let me think"},"logprobs":null,"finish_reason":null}]}'
     )
     assert info.usage == sse.Usage(9, 3) and not info.is_usage_chunk
     assert info.tokens == 0  # the engine counted them: usage says 3 so far
@@ -157,6 +157,29 @@ def test_reasoning_is_renamed_and_unasked_usage_dropped_byte_exact() -> None:
     assert sse.rewrite_chunk(without_usage, keep_usage=False).tokens == 1
     kept = json.loads(sse.rewrite_chunk(VLLM_REASONING_CHUNK, keep_usage=True).payload)
     assert kept["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("delta", [
+    b'{"reasoning":"x"}', b'{"content":"y"}', b'{"reasoning":"x","content":"y"}', b'{"content":null,"reasoning":"x"}',
+    b'{}', b'{"tool_calls":[{"index":0,"id":"t","function":{"name":"f","arguments":""}}]}',
+    b'{"role":"assistant","content":""}', b'{"role":"assistant","reasoning":"x"}',
+    b'{"reasoning":"say \\"content\\": hi"}',
+])
+@pytest.mark.parametrize("usage", [b"", b',"usage":{"prompt_tokens":9,"total_tokens":12,"completion_tokens":3}'])
+def test_every_streamed_delta_carries_string_content(delta: bytes, usage: bytes) -> None:
+    """So `print(chunk.choices[0].delta.content, end="")` prints text, never None; the fast
+    byte path and the JSON path give the same chunk."""
+    chunk = b'{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":' + delta + b',"finish_reason":null}]' + usage + b"}"
+    fast = sse.rewrite_chunk(chunk, keep_usage=True)
+    slow = sse.rewrite_chunk_json(chunk, keep_usage=True)
+    assert fast.payload is not None and slow.payload is not None
+    out = json.loads(fast.payload)
+    assert out == json.loads(slow.payload) and fast.tokens == slow.tokens and fast.usage == slow.usage
+    got = out["choices"][0]["delta"]
+    want = json.loads(delta)
+    assert isinstance(got["content"], str)
+    assert got["content"] == (want.get("content") or "")
+    assert got.get("reasoning_content") == want.get("reasoning") and "reasoning" not in got
 
 
 def test_untouched_chunks_are_forwarded_as_the_same_bytes() -> None:

@@ -39,7 +39,7 @@ from r1nest.gateway.metrics import Metrics
 from r1nest.gateway.pricing import Price
 from r1nest.gateway.ratelimit import RateLimiter, retry_after_header
 from r1nest.gateway.routing import Kind, Match, NoMatch
-from r1nest.gateway.shaping import Policy, shape
+from r1nest.gateway.shaping import Policy, Shaped, fit_context, shape
 from r1nest.gateway.state import EngineState
 from r1nest.gateway.upstream import Upstream, UpstreamConfig, watch_health
 from r1nest.ledger.base import Store
@@ -255,6 +255,7 @@ class Gateway:
         except ValueError:  # includes invalid UTF-8
             raise BadRequest("The request body is not valid JSON.") from None
         shaped = shape(body, chat=kind is Kind.CHAT, policy=self.policy)
+        await self._fit_context(shaped)
         try:
             ticket = await metering.reserve(
                 self.store, record.key_id, record.remaining_credits, shaped, price=self.price,
@@ -284,6 +285,18 @@ class Gateway:
         finally:
             if not ticket.closed:  # any path that forgot: never leave a reservation open
                 exchange.remaining_credits = await ticket.void()
+
+    async def _fit_context(self, shaped: Shaped) -> None:
+        """Hold the request to the engine's context (shaping.fit_context), asking the engine for
+        the exact prompt length when the byte bound cannot decide. An engine whose context is
+        not known yet (still unreachable) is left to judge the request itself."""
+        context_tokens = await self.upstream.context_tokens()
+        if context_tokens is None:
+            return
+        exact = None
+        if shaped.needs_exact_prompt(context_tokens):
+            exact = await self.upstream.count_prompt_tokens(shaped.body, chat=shaped.chat)
+        fit_context(shaped, context_tokens, exact)
 
     async def _overview(self, exchange: Exchange) -> None:
         async def send(message: dict[str, Any]) -> None:

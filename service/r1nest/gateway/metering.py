@@ -103,17 +103,19 @@ async def reserve(
     store: Store, key_id: str, balance: int, shaped: Shaped, *, price: Price, cap: int,
     ttl_s: float, clock: Callable[[], float], metrics: Metrics,
 ) -> Ticket:
-    """Set max_tokens to what the balance affords and reserve its worst case.
+    """Set max_tokens to what was asked (or the context left, at most `cap`), lowered to what the
+    balance affords, and reserve its worst case.
 
     InsufficientCredits (with the current balance) when not even one token is affordable.
     """
+    limit = shaped.max_tokens_limit(cap)  # what was asked, or the context left (at most cap)
     for _ in range(RESERVE_ATTEMPTS):
         affordable = pricing.affordable_completion_tokens(
-            price, balance, shaped.prompt_tokens_bound, choices=shaped.choices, cap=cap
+            price, balance, shaped.prompt_tokens_bound, choices=shaped.choices, cap=limit
         )
         if affordable < 1:
             break
-        max_tokens = min(shaped.requested_max_tokens or cap, affordable)
+        max_tokens = min(limit, affordable)
         credits = pricing.cost(price, shaped.prompt_tokens_bound, max_tokens * shaped.choices)
         try:
             reservation = await store.reserve(key_id, credits, ttl_s=ttl_s, now=clock())

@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from typing import Any
 
-from r1nest.errors import ApiError, BadRequest, PayloadTooLarge, Unavailable, UpstreamError
+from r1nest.errors import ApiError, BadRequest, ContextLengthExceeded, PayloadTooLarge, Unavailable, UpstreamError
 from r1nest.gateway import sse
 from r1nest.gateway.exchange import SSE_HEADERS, Exchange
 from r1nest.gateway.interrupts import Interruptible
@@ -33,6 +34,9 @@ from r1nest.gateway.upstream import Upstream, UpstreamUnreachable
 log = logging.getLogger("r1nest.gateway.proxy")
 
 MAX_ENGINE_MESSAGE_CHARS = 500
+# vLLM ("maximum context length", "cannot be greater than max_model_len") and SGLang ("longer
+# than the model's context length") refusing a request that does not fit the context.
+_CONTEXT_MESSAGE = re.compile(r"context length|max_model_len|context window", re.IGNORECASE)
 
 
 def engine_error(status: int, body: bytes) -> ApiError:
@@ -40,6 +44,8 @@ def engine_error(status: int, body: bytes) -> ApiError:
     refused (400/422), a generic 502 otherwise (no engine internals leak)."""
     message = _engine_message(body)
     if status in (400, 422):
+        if message and _CONTEXT_MESSAGE.search(message):
+            return ContextLengthExceeded(message)
         return BadRequest(message or "The engine refused the request.")
     if status == 413:
         return PayloadTooLarge(message or "The request is too large for the engine.")

@@ -14,6 +14,16 @@ and in `tools`, plus PER_MESSAGE_OVERHEAD_TOKENS per message and TEMPLATE_OVERHE
 chat template's special tokens and generation prompt. Token-id prompts count one per id.
 Non-text content parts (images, audio) are refused: the bound would not hold for them, and the
 R1 family is text-only.
+
+The context (`fit_context`): a request must fit the engine's context, prompt + `max_tokens` per
+sequence. The gateway asks the engine for the exact prompt length (vLLM's /tokenize renders the
+same template) when the byte bound cannot settle the question: `max_tokens` absent, prompt bound
++ `max_tokens` over the context, or fields that change the rendered template (`tools`...). Then:
+- the prompt alone fills the context: 400 `context_length_exceeded`;
+- an explicit `max_tokens` over what the context leaves: 400 `context_length_exceeded`, the message
+  naming the largest value that fits (as OpenAI's and DeepSeek's APIs answer);
+- `max_tokens` absent: the context left (at most `max_tokens_cap`), lowered to what the balance
+  affords by metering.
 """
 
 from __future__ import annotations
@@ -21,12 +31,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from r1nest.errors import BadRequest, NotFound
+from r1nest.errors import BadRequest, ContextLengthExceeded, NotFound
 
 TEMPLATE_OVERHEAD_TOKENS = 64
 PER_MESSAGE_OVERHEAD_TOKENS = 16
 MAX_CHOICES = 16
 MAX_PROMPTS = 64
+# Chat fields besides the messages that change the rendered prompt (kept in step with the
+# upstream's /tokenize request).
+TEMPLATE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
+                   "add_special_tokens", "documents", "chat_template")
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
@@ -50,6 +64,26 @@ class Shaped:
     requested_max_tokens: int | None
     client_usage: bool  # the client asked for the final usage chunk
     client_continuous_usage: bool  # ... and for usage on every chunk
+    longest_prompt_bound: int = 0  # bound of the longest single prompt (chat: the conversation)
+    completion_room: int | None = None  # tokens the context leaves each sequence, once known
+    prompt_exact: bool = False  # prompt_tokens_bound is the engine's own count
+
+    @property
+    def chat(self) -> bool:
+        return "messages" in self.body
+
+    def needs_exact_prompt(self, context_tokens: int) -> bool:
+        """Whether the byte bound cannot settle the context question (or may not hold)."""
+        requested = self.requested_max_tokens
+        if requested is None or self.longest_prompt_bound + requested > context_tokens:
+            return True
+        return self.chat and any(name in self.body for name in TEMPLATE_FIELDS)
+
+    def max_tokens_limit(self, cap: int) -> int:
+        """The `max_tokens` to ask for before the balance is considered."""
+        if self.requested_max_tokens is not None:
+            return self.requested_max_tokens
+        return cap if self.completion_room is None else min(cap, self.completion_room)
 
 
 def shape(body: Any, *, chat: bool, policy: Policy) -> Shaped:
@@ -80,14 +114,14 @@ def shape(body: Any, *, chat: bool, policy: Policy) -> Shaped:
         raise BadRequest("`best_of` and beam search are not supported", param="best_of")
 
     if chat:
-        messages = _check_messages(body.get("messages"), policy)
+        messages = _without_reasoning(_check_messages(body.get("messages"), policy))
         if policy.fold_system_prompt:
             messages = fold_system_prompt(messages)
         body["messages"] = messages
         bound = chat_prompt_bound(messages, body.get("tools"))
-        prompts = 1
+        prompts, longest = 1, bound
     else:
-        bound, prompts = completion_prompt_bound(body.get("prompt"))
+        bound, prompts, longest = completion_prompt_bound(body.get("prompt"))
 
     requested = _requested_max_tokens(body, policy)
     if policy.deepseek_defaults:
@@ -108,7 +142,47 @@ def shape(body: Any, *, chat: bool, policy: Policy) -> Shaped:
         body["stream_options"] = {**options, "include_usage": True, "continuous_usage_stats": True}
     else:
         body.pop("stream_options", None)
-    return Shaped(body, stream, bound, n * prompts, requested, client_usage, client_continuous)
+    return Shaped(body, stream, bound, n * prompts, requested, client_usage, client_continuous, longest)
+
+
+def fit_context(shaped: Shaped, context_tokens: int, exact_prompt_tokens: int | None) -> None:
+    """Check the request against the engine's context and set `completion_room`.
+
+    `exact_prompt_tokens`: the engine's own count of the (single) prompt, or None (byte bound).
+    ContextLengthExceeded when the prompt, or prompt + an explicit `max_tokens`, cannot fit.
+    """
+    what = "messages" if shaped.chat else "prompt"
+    requested = shaped.requested_max_tokens
+    if exact_prompt_tokens is not None:
+        shaped.prompt_tokens_bound = shaped.longest_prompt_bound = exact_prompt_tokens
+        shaped.prompt_exact = True
+        room = context_tokens - exact_prompt_tokens
+        if room < 1:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context_tokens} tokens. However, your "
+                f"{what} resulted in {exact_prompt_tokens} tokens, which leaves no room for an answer. "
+                f"Please reduce the length of the {what}.",
+                param=what,
+            )
+        if requested is not None and requested > room:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context_tokens} tokens. However, you requested "
+                f"{exact_prompt_tokens + requested} tokens ({exact_prompt_tokens} in the {what}, {requested} "
+                f"in the completion). Please reduce the length of the {what} or completion "
+                f"(max_tokens can be at most {room} for these {what}).",
+                param="max_tokens",
+            )
+        shaped.completion_room = room
+        return
+    # The byte bound only: an upper bound on the prompt, so only certainties are refused.
+    if requested is not None and requested >= context_tokens:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context_tokens} tokens. However, you requested "
+            f"{requested} tokens in the completion alone. Please reduce max_tokens.",
+            param="max_tokens",
+        )
+    room = context_tokens - shaped.longest_prompt_bound
+    shaped.completion_room = room if room >= 1 else context_tokens - 1
 
 
 def set_max_tokens(shaped: Shaped, max_tokens: int) -> None:
@@ -162,6 +236,16 @@ def _check_messages(messages: Any, policy: Policy) -> list[dict[str, Any]]:
     return messages
 
 
+def _without_reasoning(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Earlier answers sent back with their reasoning (`reasoning_content`, as DeepSeek's API
+    returns it): the reasoning is dropped, as R1's chat template drops it, so it is neither
+    rendered nor counted in the prompt bound."""
+    if not any("reasoning_content" in m or "reasoning" in m for m in messages):
+        return messages
+    return [{k: v for k, v in m.items() if k not in ("reasoning_content", "reasoning")}
+            if m.get("role") == "assistant" else m for m in messages]
+
+
 def _text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(part["text"] for part in content)
@@ -201,17 +285,23 @@ def chat_prompt_bound(messages: list[dict[str, Any]], tools: Any = None) -> int:
     return TEMPLATE_OVERHEAD_TOKENS + per_message + _utf8_bytes(tools)
 
 
-def completion_prompt_bound(prompt: Any) -> tuple[int, int]:
-    """(token upper bound over all prompts, number of prompts)."""
+def completion_prompt_bound(prompt: Any) -> tuple[int, int, int]:
+    """(token upper bound over all prompts, number of prompts, bound of the longest prompt)."""
     if isinstance(prompt, str):
-        return len(prompt.encode("utf-8")) + TEMPLATE_OVERHEAD_TOKENS, 1
+        bound = len(prompt.encode("utf-8")) + TEMPLATE_OVERHEAD_TOKENS
+        return bound, 1, bound
     if isinstance(prompt, list) and prompt:
+        bounds: list[int] | None = None
         if all(_is_int(t) for t in prompt):
-            return len(prompt) + TEMPLATE_OVERHEAD_TOKENS, 1
-        if all(isinstance(p, str) for p in prompt):
-            return sum(len(p.encode("utf-8")) + TEMPLATE_OVERHEAD_TOKENS for p in prompt), _check_prompt_count(len(prompt))
-        if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
-            return sum(len(p) + TEMPLATE_OVERHEAD_TOKENS for p in prompt), _check_prompt_count(len(prompt))
+            bounds = [len(prompt) + TEMPLATE_OVERHEAD_TOKENS]
+        elif all(isinstance(p, str) for p in prompt):
+            bounds = [len(p.encode("utf-8")) + TEMPLATE_OVERHEAD_TOKENS for p in prompt]
+        elif all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+            bounds = [len(p) + TEMPLATE_OVERHEAD_TOKENS for p in prompt]
+        if bounds is not None:
+            if len(bounds) > 1:
+                _check_prompt_count(len(bounds))
+            return sum(bounds), len(bounds), max(bounds)
     raise BadRequest("`prompt` must be a string, a list of strings, or token ids", param="prompt")
 
 

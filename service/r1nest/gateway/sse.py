@@ -4,6 +4,12 @@
 `rewrite_chunk` takes one parsed chunk, renames `reasoning` to `reasoning_content` (DeepSeek's
 name) in `delta` and `message`, reads the usage the engine reported, counts the tokens the chunk
 carried, and drops usage the client did not ask for.
+
+Every streamed chat `delta` carries `content` as a string: `""` in a chunk that holds only
+reasoning (or a tool call, or nothing). vLLM leaves the key out there, which the SDKs read as
+`None`, so the plain `print(chunk.choices[0].delta.content, end="")` loop of the OpenAI examples
+printed `None` once per reasoning token. `""` is what vLLM itself sends in the role chunk, and
+the OpenAI and DeepSeek SDKs, LangChain and the JavaScript SDK all concatenate it as nothing.
 """
 
 from __future__ import annotations
@@ -141,6 +147,10 @@ class ChunkInfo:
 # not recognise goes the full JSON way; tests hold both paths to the same result.
 _REASONING_KEY = b'"reasoning":'
 _REASONING_CONTENT_KEY = b'"reasoning_content":'
+_CONTENT_KEY = b'"content":'
+_DELTA = b'"delta":{'
+_REASONING_DELTA = b'"delta":{"reasoning":'
+_REASONING_DELTA_OUT = b'"delta":{"content":"","reasoning_content":'
 _USAGE_KEY = b',"usage":'
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens":(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":(\d+)')
@@ -204,9 +214,14 @@ def _rewrite_fast(payload: bytes, keep_usage: bool) -> ChunkInfo | None:
         return ChunkInfo(payload, usage, 0, span is not None, False)
     out = payload if span is None or keep_usage else payload[: span[0]] + payload[span[1] :]
     if _REASONING_KEY in out:
-        if _REASONING_CONTENT_KEY in out:
+        # a reasoning-only delta gets `"content":""`; anything less plain goes the JSON way
+        if _REASONING_CONTENT_KEY in out or _CONTENT_KEY in out:
             return None
-        out = out.replace(_REASONING_KEY, _REASONING_CONTENT_KEY)
+        if out.count(_REASONING_DELTA) != out.count(_REASONING_KEY):
+            return None
+        out = out.replace(_REASONING_DELTA, _REASONING_DELTA_OUT)
+    elif _DELTA in out and _CONTENT_KEY not in out:
+        return None  # a delta without content (tool call, empty): the JSON way adds it
     return ChunkInfo(out, usage, 0 if usage is not None else len(_GENERATED.findall(out)), False, False)
 
 
@@ -250,6 +265,10 @@ def rewrite_chunk_json(payload: bytes, *, keep_usage: bool) -> ChunkInfo:
             container = choice.get(field)
             if isinstance(container, dict) and rename_reasoning(container):
                 changed = True
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and not isinstance(delta.get("content"), str):
+            delta["content"] = ""
+            changed = True
     if "usage" in chunk and not keep_usage:
         del chunk["usage"]
         changed = True

@@ -3,14 +3,23 @@
 Only this module does upstream I/O. Requests carry the engine's own key and nothing from the
 client's headers. Closing a streamed response closes its TCP connection, which is how vLLM and
 SGLang learn that a request was abandoned (they abort it and free the GPU).
+
+Besides completions it asks the engine two things, for the `max_tokens` rules (shaping.py):
+- its context length: `max_model_len` in `/v1/models` (vLLM and SGLang), unless the launch
+  already said (`UpstreamConfig.max_model_len`, from the planner); asked once, then kept;
+- the exact prompt length of a request: vLLM's `/tokenize` renders the same chat template with
+  the same messages and tools and counts the tokens. An engine without it (404) is not asked
+  again, and the gateway keeps to its byte bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from r1nest.gateway.http1 import ConnectionFailed, Pool, Response
 
@@ -20,6 +29,13 @@ if TYPE_CHECKING:
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a whole (non-streamed) answer larger than this is refused
 CONNECT_TIMEOUT_S = 10.0
 HEALTH_TIMEOUT_S = 5.0
+TOKENIZE_TIMEOUT_S = 10.0
+MAX_TOKENIZE_ANSWER_BYTES = 64 * 1024 * 1024  # vLLM lists the token ids too
+# What shapes the rendered prompt besides the messages: sent to /tokenize as it goes upstream.
+TEMPLATE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
+                   "add_special_tokens", "documents", "chat_template")
+
+log = logging.getLogger("r1nest.gateway.upstream")
 
 
 @dataclass(frozen=True)
@@ -27,6 +43,7 @@ class UpstreamConfig:
     url: str  # base URL of the engine, e.g. http://127.0.0.1:8100
     api_key: str | None = field(default=None, repr=False)
     served_model: str = "deepseek-r1"
+    max_model_len: int | None = None  # the engine's context, when the launch knows it
 
 
 class UpstreamUnreachable(Exception):
@@ -51,6 +68,8 @@ class Upstream:
             headers += b"Authorization: Bearer " + config.api_key.encode("latin-1") + b"\r\n"
         self._headers = headers
         self._pool: Pool | None = None
+        self._context_tokens: int | None = config.max_model_len
+        self._can_tokenize = True
 
     async def start(self) -> None:
         if self._pool is None:
@@ -97,11 +116,68 @@ class Upstream:
         except (ConnectionFailed, TimeoutError) as exc:
             raise UpstreamUnreachable(type(exc).__name__) from None
 
+    async def context_tokens(self) -> int | None:
+        """The engine's context length (max_model_len), or None while it cannot be learnt."""
+        if self._context_tokens is None:
+            try:
+                answer = await self.get("/v1/models")
+                models = json.loads(answer.body)["data"] if answer.status == 200 else []
+                lengths = [m.get("max_model_len") for m in models if m.get("id") == self.config.served_model]
+                length = (lengths or [m.get("max_model_len") for m in models])[0]
+            except (UpstreamUnreachable, ValueError, KeyError, IndexError, TypeError, AttributeError):
+                return None
+            if isinstance(length, int) and not isinstance(length, bool) and length > 0:
+                self._context_tokens = length
+        return self._context_tokens
+
+    async def count_prompt_tokens(self, body: dict[str, Any], *, chat: bool) -> int | None:
+        """The exact prompt length of a completion body as the engine will render it, or None
+        when the engine cannot say (no /tokenize, a failure, more than one prompt)."""
+        if not self._can_tokenize:
+            return None
+        request: dict[str, Any] = {"model": body.get("model")}
+        if chat:
+            request["messages"] = body["messages"]
+            request.update((name, body[name]) for name in TEMPLATE_FIELDS if name in body)
+        elif isinstance(body.get("prompt"), str):
+            request["prompt"] = body["prompt"]
+            if "add_special_tokens" in body:
+                request["add_special_tokens"] = body["add_special_tokens"]
+        else:
+            return None
+        try:
+            async with asyncio.timeout(TOKENIZE_TIMEOUT_S):
+                async with await self.pool.request("POST", "/tokenize", _dumps_bytes(request)) as response:
+                    status, answer = response.status, await response.read(MAX_TOKENIZE_ANSWER_BYTES)
+        except (ConnectionFailed, TimeoutError) as exc:
+            log.warning("the engine's /tokenize did not answer (%s); using the byte bound", type(exc).__name__)
+            return None
+        try:
+            count = json.loads(answer)["count"] if status == 200 else None
+        except (ValueError, KeyError, TypeError):
+            count = None
+        if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+            return count
+        if status in (200, 404, 405, 422):  # no such route, or not one that renders chat templates
+            log.warning("the engine's /tokenize does not count this request (status %d): "
+                        "prompt lengths use the byte bound from now on", status)
+            self._can_tokenize = False
+        elif status != 400:  # a 400 is the request's fault: the completion will say why
+            log.warning("the engine's /tokenize answered %d; using the byte bound", status)
+        return None
+
     async def healthy(self) -> bool:
         try:
             return (await self.get("/health")).status == 200
         except UpstreamUnreachable:
             return False
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def _dumps_bytes(obj: Any) -> bytes:
+    return _dumps(obj).encode("utf-8")
 
 
 async def watch_health(upstream: Upstream, state: EngineState, *, interval_s: float = 2.0, failures_to_down: int = 3) -> None:

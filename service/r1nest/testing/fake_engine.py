@@ -1,8 +1,12 @@
 """A fake OpenAI-compatible engine that answers like vLLM, on a real loopback HTTP server.
 
 It speaks the parts of vLLM's HTTP API that r1nest relies on, byte for byte where it matters:
-`/v1/chat/completions` and `/v1/completions` (streaming or not), `/v1/models`, `/health` and
-`/metrics` (`vllm:num_requests_running`). A streamed chat answer is what vLLM with
+`/v1/chat/completions` and `/v1/completions` (streaming or not), `/v1/models` (with
+`max_model_len`), `/tokenize` (`count`, with the fake tokenizer below), `/health` and `/metrics`
+(`vllm:num_requests_running`). It holds requests to its context as vLLM does: `max_tokens` over
+the context, a prompt that fills it, or prompt + `max_tokens` over it get vLLM's 400 (vLLM 0.32
+itself lets the last case through and stops at the context; the fake is stricter, so a gateway
+that sends such a request is caught). A streamed chat answer is what vLLM with
 `--reasoning-parser deepseek_r1` sends: a role chunk, `reasoning` deltas, `content` deltas, a
 finish chunk, a usage chunk when `stream_options.include_usage` is set (usage on every chunk with
 `continuous_usage_stats`), then `data: [DONE]`. One delta is one token.
@@ -49,6 +53,8 @@ class Behavior:
     absurd_usage: bool = False  # usage reports ABSURD_TOKENS completion tokens
     api_key: str | None = None  # when set, requests need `Authorization: Bearer <api_key>`
     served_model: str = "fake-r1"
+    context_length: int = 4096  # max_model_len
+    tokenize: bool = True  # offer /tokenize (SGLang's /tokenize renders no chat template: False)
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,13 @@ class _EngineApp:
             return _error(401, "Unauthorized", "authentication_error")
         if route == ("GET", "/v1/models"):
             return web.json_response(self._models())
+        if route == ("POST", "/tokenize") and self.behavior.tokenize:
+            try:
+                count = prompt_token_count(json.loads(body))
+            except (ValueError, TypeError, AttributeError):
+                return _error(400, "invalid tokenize request", "BadRequestError")
+            return web.json_response({"count": count, "max_model_len": self.behavior.context_length,
+                                      "tokens": list(range(count)), "token_strs": None})
         if route in {("POST", "/v1/chat/completions"), ("POST", "/v1/completions")}:
             try:
                 payload = json.loads(body)
@@ -144,7 +157,9 @@ class _EngineApp:
             if payload.get("model") not in (None, self.behavior.served_model):
                 return _error(404, f"The model `{payload.get('model')}` does not exist.", "NotFoundError")
             return await self._completion(request, payload, chat=request.path.endswith("chat/completions"))
-        # Engine-only routes (/tokenize, /pause, /invocations, ...) answer 200 here, so a gateway
+        if route == ("POST", "/tokenize"):
+            return _error(404, "Not Found", "NotFoundError")
+        # Engine-only routes (/pause, /invocations, ...) answer 200 here, so a gateway
         # that forwarded one would be caught by the test that looks at `requests`.
         return web.json_response({"engine_only_route": request.path})
 
@@ -156,7 +171,7 @@ class _EngineApp:
         model = self.behavior.served_model
         return {
             "object": "list",
-            "data": [{"id": model, "object": "model", "created": 0, "owned_by": "vllm", "root": model, "parent": None, "max_model_len": 4096}],
+            "data": [{"id": model, "object": "model", "created": 0, "owned_by": "vllm", "root": model, "parent": None, "max_model_len": self.behavior.context_length}],
         }
 
     def _metrics(self) -> str:
@@ -171,6 +186,11 @@ class _EngineApp:
         behavior = self.behavior
         if behavior.fail_before_stream:
             return _error(500, "engine failure (fake)", "InternalServerError")
+        refusal = _context_refusal(payload, behavior.context_length)
+        if refusal is not None:
+            return _error(400, refusal, "BadRequestError")
+        if payload.get("max_tokens") is None:  # vLLM's default: the rest of the context
+            payload = {**payload, "max_tokens": behavior.context_length - prompt_token_count(payload)}
         self.engine._counters.running += 1
         try:
             if payload.get("stream"):
@@ -284,6 +304,24 @@ class _EngineApp:
             self.engine._record_abort(Abort(request.path, sent, sent))
             raise
         return response
+
+
+def _context_refusal(payload: dict[str, Any], context_length: int) -> str | None:
+    """vLLM's answer to a request that does not fit its context, or None when it fits."""
+    max_tokens = payload.get("max_tokens")
+    if isinstance(max_tokens, int) and max_tokens > context_length:
+        return (f"max_tokens={max_tokens} cannot be greater than max_model_len={context_length}. "
+                "Please request fewer output tokens. (parameter=max_tokens, value={max_tokens})")
+    prompt_tokens = prompt_token_count(payload)
+    if prompt_tokens >= context_length:
+        return (f"This model's maximum context length is {context_length} tokens. However, your prompt "
+                f"contains at least {prompt_tokens} input tokens, which exceeds this limit even without "
+                "any output tokens. Please reduce the length of the input prompt.")
+    if isinstance(max_tokens, int) and prompt_tokens + max_tokens > context_length:
+        return (f"This model's maximum context length is {context_length} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion.")
+    return None
 
 
 def _error(status: int, message: str, error_type: str) -> web.Response:
