@@ -1,9 +1,10 @@
 """`r1nest gateway`: the gateway alone, in front of a running OpenAI-compatible engine.
 
-Served with uvicorn (uvloop + httptools), one worker. SIGTERM/SIGINT drain first: new requests
-get 503, open ones get `drain_timeout_s` to finish, then are cut and settled; a second signal
-exits at once. Uvicorn's own access log is off: it would print raw URLs; the gateway's access
-log prints route names and key ids only.
+Served with uvicorn (uvloop + httptools), one worker, through http_protocol.GatewayHttpProtocol
+(method names in any case, JSON bodies for what uvicorn itself refuses). SIGTERM/SIGINT drain
+first: new requests get 503, open ones get `drain_timeout_s` to finish, then are cut and settled;
+a second signal exits at once. Uvicorn's own access log is off: it would print raw URLs; the
+gateway's access log prints route names and key ids only.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def uvicorn_server(app: Any, settings: Settings, **config: Any) -> Any:
     """A uvicorn Server for `app` whose exit signals drain the gateway first."""
     import uvicorn
 
+    from r1nest.gateway.http_protocol import GatewayHttpProtocol
+
     gateway = app.state.gateway
 
     class DrainingServer(uvicorn.Server):
@@ -52,7 +55,7 @@ def uvicorn_server(app: Any, settings: Settings, **config: Any) -> Any:
             loop.call_soon_threadsafe(lambda: loop.create_task(drain_then_exit()))
 
     options: dict[str, Any] = dict(
-        host=settings.host, port=settings.port, loop="uvloop", http="httptools", lifespan="on",
+        host=settings.host, port=settings.port, loop="uvloop", http=GatewayHttpProtocol, lifespan="on",
         access_log=False, log_config=None, log_level=settings.log_level, server_header=False,
         backlog=2048, timeout_keep_alive=30, limit_concurrency=None,
     )
