@@ -25,6 +25,7 @@ from r1nest.serve import (
     read_state,
     write_state,
 )
+from r1nest.tinymodel import TINY_CONTEXT
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_a_checkpoint_dir_is_planned_on_vllm_cpu_with_the_r1_parser(tiny_v3: Pat
     assert launch.served_model == "tiny-v3" and launch.engine == "vllm" and launch.hardware == "CPU"
     args = list(launch.profile.args)
     assert args[args.index("--reasoning-parser") + 1] == "deepseek_r1"
-    assert args[args.index("--max-model-len") + 1] == "2048"
+    assert args[args.index("--max-model-len") + 1] == str(TINY_CONTEXT)  # the checkpoint's own context
     assert launch.weight_bytes == (tiny_v3 / "model.safetensors").stat().st_size
     shorter = plan_launch(str(tiny_v3), engine="vllm", max_model_len=512, local_gpus=None)
     assert "512" in shorter.profile.args

@@ -30,6 +30,10 @@ MLA_FP8_BACKEND: dict[str, str] = {
 MTP_CONFIG = json.dumps({"method": "mtp", "num_speculative_tokens": 1}, separators=(",", ":"))
 CPU_KVCACHE_GIB = 1
 CPU_MAX_NUM_SEQS = 16
+# The supervisor (and a load balancer, in the clouds) probes /health every few seconds; vLLM's
+# uvicorn access log would print a line for each, burying what `r1nest serve` printed last.
+# vLLM's own filter drops only those; requests to other paths are still logged.
+QUIET_ACCESS_LOG_ENDPOINTS = "/health"
 
 
 def vllm_profile(
@@ -99,6 +103,7 @@ def vllm_profile(
         notes.append("MTP speculative decoding (1 draft token)")
 
     args += ["--reasoning-parser", model.reasoning_parser_vllm]
+    args += ["--disable-access-log-for-endpoints", QUIET_ACCESS_LOG_ENDPOINTS]
     if model.tool_call_parser_vllm:
         args += ["--enable-auto-tool-choice", "--tool-call-parser", model.tool_call_parser_vllm]
         if model.tool_chat_template:
