@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from types import SimpleNamespace
@@ -20,7 +19,6 @@ from typing import Any, Callable
 
 from r1nest.errors import (
     ApiError,
-    BadRequest,
     InsufficientCredits,
     InternalError,
     MethodNotAllowed,
@@ -39,7 +37,7 @@ from r1nest.gateway.metrics import Metrics
 from r1nest.gateway.pricing import Price
 from r1nest.gateway.ratelimit import RateLimiter, retry_after_header
 from r1nest.gateway.routing import Kind, Match, NoMatch
-from r1nest.gateway.shaping import Policy, Shaped, fit_context, shape
+from r1nest.gateway.shaping import Policy, Shaped, fit_context, parse_body, shape
 from r1nest.gateway.state import EngineState
 from r1nest.gateway.upstream import Upstream, UpstreamConfig, watch_health
 from r1nest.ledger.base import Store
@@ -250,11 +248,7 @@ class Gateway:
         if not self.state.ready:
             raise self._unavailable()
         raw = await exchange.read_body(self.settings.max_body_bytes)
-        try:
-            body = json.loads(raw)
-        except ValueError:  # includes invalid UTF-8
-            raise BadRequest("The request body is not valid JSON.") from None
-        shaped = shape(body, chat=kind is Kind.CHAT, policy=self.policy)
+        shaped = shape(parse_body(raw), chat=kind is Kind.CHAT, policy=self.policy)
         await self._fit_context(shaped)
         try:
             ticket = await metering.reserve(

@@ -51,10 +51,14 @@ class Ticket:
         return self.reservation.credits_reserved
 
     async def settle(self, prompt_tokens: int, completion_tokens: int) -> int:
-        """Charge actual usage (clamped to the reservation); the balance afterwards."""
-        credits, clamped = pricing.settle_amount(self.price, self.credits_reserved, prompt_tokens, completion_tokens)
-        if prompt_tokens > self.prompt_tokens_bound or completion_tokens > self.completion_tokens_bound:
-            clamped = True
+        """Charge actual usage, each part clamped to its bound (prompt to the prompt bound,
+        completion to max_tokens x choices) and the total to the reservation; the balance after."""
+        clamped = prompt_tokens > self.prompt_tokens_bound or completion_tokens > self.completion_tokens_bound
+        credits, over = pricing.settle_amount(
+            self.price, self.credits_reserved, min(prompt_tokens, self.prompt_tokens_bound),
+            min(completion_tokens, self.completion_tokens_bound),
+        )
+        clamped = clamped or over
         if clamped:
             self.metrics.usage_clamped += 1
             log.warning(

@@ -73,7 +73,8 @@ def _generated_bytes(answer: dict[str, Any]) -> int:
         if not isinstance(choice, dict):
             continue
         message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-        for text in (choice.get("text"), message.get("content"), message.get("reasoning_content")):
+        # the engine's own answer: vLLM names the reasoning `reasoning`, older builds `reasoning_content`
+        for text in (choice.get("text"), message.get("content"), message.get("reasoning"), message.get("reasoning_content")):
             if isinstance(text, str):
                 total += len(text.encode("utf-8"))
         if message.get("tool_calls"):
@@ -119,7 +120,7 @@ async def forward_whole(exchange: Exchange, upstream: Upstream, path: str, shape
 class StreamTracker:
     """What has flowed through a stream so far; turns engine events into client events."""
 
-    __slots__ = ("keep_usage", "tokens", "last_usage", "final_usage", "usage_payload", "done", "error", "broken", "first")
+    __slots__ = ("keep_usage", "tokens", "last_usage", "final_usage", "usage_payload", "done", "error", "broken", "first", "relayed")
 
     def __init__(self, *, keep_usage: bool) -> None:
         self.keep_usage = keep_usage
@@ -131,6 +132,7 @@ class StreamTracker:
         self.done = False  # the engine sent [DONE]
         self.error = False  # the engine sent an error event
         self.broken = False  # the stream ended without [DONE], or was unreadable
+        self.relayed = False  # a chunk with generated text went to the client
 
     def take(self, payload: bytes) -> bytes | None:
         if payload == sse.DONE:
@@ -148,7 +150,11 @@ class StreamTracker:
         if info.is_usage_chunk:
             self.final_usage, self.usage_payload = info.usage, payload
             return None
-        return sse.event(info.payload) if info.payload is not None else None
+        if info.payload is None:
+            return None
+        if not self.relayed:
+            self.relayed = sse.carries_text(info.payload)
+        return sse.event(info.payload)
 
     def usage(self) -> tuple[int, int]:
         """(prompt, completion) tokens to pay for what has streamed."""
@@ -216,8 +222,10 @@ async def forward_stream(
     if interruptible.reason is not None:
         ticket.metrics.aborted_streams += 1
     prompt_tokens, completion_tokens = tracker.usage()
-    if completion_tokens == 0 and not tracker.complete:
-        balance = await ticket.void()  # nothing generated: a failure before the first token is free
+    if not tracker.complete and (completion_tokens == 0 or not tracker.relayed):
+        # nothing reached the client: a failure before the first token is free, whatever
+        # usage the engine reported before it failed
+        balance = await ticket.void()
     else:
         if not tracker.complete or tracker.final_usage is None:
             log.info(

@@ -9,9 +9,12 @@
 
 Prompt upper bound: the engines serve byte-level BPE tokenizers (DeepSeek, Qwen, Llama 3), where
 every token stands for at least one byte of text, so a text of B UTF-8 bytes is at most B tokens.
-The bound is the UTF-8 byte length of every string in the messages (contents, names, tool calls)
-and in `tools`, plus PER_MESSAGE_OVERHEAD_TOKENS per message and TEMPLATE_OVERHEAD_TOKENS for the
-chat template's special tokens and generation prompt. Token-id prompts count one per id.
+The bound is the UTF-8 byte length of the messages' text fields, the JSON length (ASCII-escaped,
+as a template's `tojson` writes it at most) of their structured fields (tool calls) and of
+`tools`, plus PER_MESSAGE_OVERHEAD_TOKENS per message, TEMPLATE_OVERHEAD_TOKENS for the chat
+template's special tokens and generation prompt, and the tool preamble. Token-id prompts count
+one per id. When the engine can count the prompt itself (vLLM's /tokenize), its count replaces
+the bound (`fit_context`); requests with `tools` are always counted that way.
 Non-text content parts (images, audio) are refused: the bound would not hold for them, and the
 R1 family is text-only.
 
@@ -28,6 +31,7 @@ same template) when the byte bound cannot settle the question: `max_tokens` abse
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +39,35 @@ from r1nest.errors import BadRequest, ContextLengthExceeded, NotFound
 
 TEMPLATE_OVERHEAD_TOKENS = 64
 PER_MESSAGE_OVERHEAD_TOKENS = 16
+TOOLS_HEADER_TOKENS = 512  # R1's tool template: about 350 bytes of preamble
+PER_TOOL_OVERHEAD_TOKENS = 32  # the fence around each tool's JSON
 MAX_CHOICES = 16
 MAX_PROMPTS = 64
+MAX_JSON_DEPTH = 64  # objects and arrays nested deeper than this are refused (400)
+
+# The body sent upstream is rebuilt from these fields only: the OpenAI and DeepSeek request
+# fields, vLLM's and SGLang's sampling and structured-output extensions. Fields a deployment
+# decides (ENGINE_CONTROL_FIELDS) are refused with 400; anything else is dropped.
+COMMON_FIELDS = frozenset({
+    "model", "stream", "stream_options", "n", "max_tokens", "temperature", "top_p", "top_k", "min_p",
+    "repetition_penalty", "presence_penalty", "frequency_penalty", "length_penalty", "stop",
+    "stop_token_ids", "seed", "logprobs", "logit_bias", "user", "min_tokens", "ignore_eos",
+    "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
+    "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+    "guided_grammar", "guided_whitespace_pattern", "best_of", "use_beam_search",
+})
+CHAT_FIELDS = COMMON_FIELDS | frozenset({
+    "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
+})
+COMPLETION_FIELDS = COMMON_FIELDS | frozenset({"prompt", "echo", "suffix"})
+ENGINE_CONTROL_FIELDS = frozenset({
+    "chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
+    "add_special_tokens", "documents", "priority", "request_id", "mm_processor_kwargs", "cache_salt",
+    "kv_transfer_params", "vllm_xargs", "logits_processors", "media_io_kwargs", "return_token_ids",
+    "return_tokens_as_token_ids", "prompt_embeds", "bad_words", "allowed_token_ids",
+    "truncate_prompt_tokens", "prompt_logprobs", "lora_request", "rid", "custom_logit_processor",
+})
+
 # Chat fields besides the messages that change the rendered prompt (kept in step with the
 # upstream's /tokenize request).
 TEMPLATE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
@@ -86,13 +117,62 @@ class Shaped:
         return cap if self.completion_room is None else min(cap, self.completion_room)
 
 
+def _refuse_constant(name: str) -> Any:
+    raise BadRequest(f"The request body holds `{name}`, which is not standard JSON.")
+
+
+def parse_body(raw: bytes) -> Any:
+    """The request body as JSON, or 400: invalid UTF-8 or JSON, NaN / Infinity, strings with
+    lone surrogates (they cannot be sent on as UTF-8), objects nested over MAX_JSON_DEPTH."""
+    try:
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise BadRequest(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.") from None
+    except ValueError:  # includes invalid UTF-8
+        raise BadRequest("The request body is not valid JSON.") from None
+    # Cheap screens first: deep nesting needs that many brackets, a lone surrogate an escape.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH or b"\\u" in raw:
+        _check_json_value(body)
+    return body
+
+
+def _check_json_value(value: Any) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest("The request body holds a string that is not valid Unicode (a lone surrogate).") from None
+        elif isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise BadRequest(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.")
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
+def _allowed(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
+    """The body rebuilt from the allowlist; engine-control fields are refused."""
+    refused = sorted(name for name in body if name in ENGINE_CONTROL_FIELDS)
+    if refused:
+        raise BadRequest(f"`{refused[0]}` is set by the deployment, not by requests.", param=refused[0])
+    allowed = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    return {name: value for name, value in body.items() if name in allowed}
+
+
 def shape(body: Any, *, chat: bool, policy: Policy) -> Shaped:
     """Validate a request body and apply the deployment's conventions (max_tokens left unset)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    body = dict(body)
+    body = _allowed(body, chat=chat)
     model = body.get("model")
     if model is not None and model != policy.served_model:
+        if not isinstance(model, str):
+            raise BadRequest("`model` must be a string", param="model")
         raise NotFound(
             f"The model `{model}` does not exist. This deployment serves `{policy.served_model}`.",
             code="model_not_found",
@@ -224,7 +304,8 @@ def _check_messages(messages: Any, policy: Policy) -> list[dict[str, Any]]:
         where = f"messages[{index}]"
         if not isinstance(message, dict):
             raise BadRequest(f"`{where}` must be an object", param=where)
-        if message.get("role") not in ROLES:
+        role = message.get("role")
+        if not isinstance(role, str) or role not in ROLES:
             raise BadRequest(f"`{where}.role` must be one of {', '.join(sorted(ROLES))}", param=where)
         content = message.get("content")
         if isinstance(content, list):
@@ -269,20 +350,34 @@ def fold_system_prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": instructions}, *rest]
 
 
-def _utf8_bytes(value: Any) -> int:
-    """UTF-8 bytes of every string (keys included) and 1 per other scalar, recursively."""
-    if isinstance(value, str):
-        return len(value.encode("utf-8"))
-    if isinstance(value, dict):
-        return sum(_utf8_bytes(k) + _utf8_bytes(v) for k, v in value.items())
-    if isinstance(value, list):
-        return sum(_utf8_bytes(v) for v in value)
-    return 0 if value is None else len(str(value))
+def _json_bytes(value: Any) -> int:
+    """An upper bound on the bytes of `value` rendered with a template's `tojson`: ASCII-escaped
+    JSON with spaced separators (transformers' tojson, or Jinja's, which also writes <, >, &
+    and ' as 6-byte escapes)."""
+    text = json.dumps(value, ensure_ascii=True)
+    return len(text) + 5 * sum(text.count(c) for c in "<>&'")
+
+
+def _message_bytes(message: dict[str, Any]) -> int:
+    """Text fields as their UTF-8 bytes (templates insert them as they are); structured fields
+    (tool calls, content parts) as their JSON, which is how templates render them."""
+    total = 0
+    for key, value in message.items():
+        total += len(key)
+        total += len(value.encode("utf-8")) if isinstance(value, str) else _json_bytes(value)
+    return total
 
 
 def chat_prompt_bound(messages: list[dict[str, Any]], tools: Any = None) -> int:
-    per_message = sum(_utf8_bytes(m) + PER_MESSAGE_OVERHEAD_TOKENS for m in messages)
-    return TEMPLATE_OVERHEAD_TOKENS + per_message + _utf8_bytes(tools)
+    """Messages' bytes + PER_MESSAGE_OVERHEAD_TOKENS each + TEMPLATE_OVERHEAD_TOKENS; `tools`
+    as their JSON with TOOLS_HEADER_TOKENS and PER_TOOL_OVERHEAD_TOKENS each (R1's tool template
+    writes a fixed preamble and each tool's `tojson` in a fenced block)."""
+    per_message = sum(_message_bytes(m) + PER_MESSAGE_OVERHEAD_TOKENS for m in messages)
+    bound = TEMPLATE_OVERHEAD_TOKENS + per_message
+    if tools:
+        count = len(tools) if isinstance(tools, list) else 1
+        bound += TOOLS_HEADER_TOKENS + PER_TOOL_OVERHEAD_TOKENS * count + _json_bytes(tools)
+    return bound
 
 
 def completion_prompt_bound(prompt: Any) -> tuple[int, int, int]:

@@ -22,7 +22,7 @@ from typing import Any
 DONE = b"[DONE]"
 MAX_EVENT_BYTES = 4 * 1024 * 1024  # an engine event larger than this is a broken stream
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 class StreamFormatError(ValueError):
@@ -64,15 +64,19 @@ class EventSplitter:
 
 
 def _data_of(event: bytes) -> bytes | None:
-    """The `data:` payload of one event; comments and other fields are dropped."""
+    """The `data:` payload of one event; comments and other fields are dropped. An event whose
+    data is empty or only whitespace (`data:`, `data: `) carries no chunk: None, like an event
+    without data (SSE dispatches no event for empty data; a blank one is nothing to forward)."""
     if event.startswith(b"data: ") and b"\n" not in event:
-        return event[6:]
-    parts = []
-    for line in event.split(b"\n"):
-        if line.startswith(b"data:"):
-            value = line[5:]
-            parts.append(value[1:] if value.startswith(b" ") else value)
-    return b"\n".join(parts) if parts else None
+        payload = event[6:]
+    else:
+        parts = []
+        for line in event.split(b"\n"):
+            if line.startswith(b"data:"):
+                value = line[5:]
+                parts.append(value[1:] if value.startswith(b" ") else value)
+        payload = b"\n".join(parts)
+    return payload if payload.strip() else None
 
 
 def event(payload: bytes) -> bytes:
@@ -152,8 +156,9 @@ _DELTA = b'"delta":{'
 _REASONING_DELTA = b'"delta":{"reasoning":'
 _REASONING_DELTA_OUT = b'"delta":{"content":"","reasoning_content":'
 _USAGE_KEY = b',"usage":'
-_PROMPT_TOKENS = re.compile(rb'"prompt_tokens":(\d+)')
-_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":(\d+)')
+# A count is digits followed by `,` or `}`: `1e30` or `1.5` is no count (the JSON way decides).
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens":(\d+)(?=[,}])')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":(\d+)(?=[,}])')
 # vLLM's own layout of a usage object (continuous usage stats): read with one anchored match.
 _VLLM_USAGE_PREFIX = b',"usage":{"prompt_tokens":'
 _VLLM_USAGE = re.compile(rb',"usage":\{"prompt_tokens":(\d+),"total_tokens":\d+,"completion_tokens":(\d+)(?:,"[a-z_]+":null)*\}')
@@ -210,6 +215,8 @@ def _rewrite_fast(payload: bytes, keep_usage: bool) -> ChunkInfo | None:
         completion = _COMPLETION_TOKENS.search(payload, span[0], span[1])
         if prompt is not None and completion is not None:
             usage = Usage(int(prompt.group(1)), int(completion.group(1)))
+        elif payload.find(b'"prompt_tokens"', span[0], span[1]) >= 0:
+            return None  # counts that are not plain integers: the JSON way reads them as no usage
     if b'"choices":[]' in payload:
         return ChunkInfo(payload, usage, 0, span is not None, False)
     out = payload if span is None or keep_usage else payload[: span[0]] + payload[span[1] :]
@@ -223,6 +230,11 @@ def _rewrite_fast(payload: bytes, keep_usage: bool) -> ChunkInfo | None:
     elif _DELTA in out and _CONTENT_KEY not in out:
         return None  # a delta without content (tool call, empty): the JSON way adds it
     return ChunkInfo(out, usage, 0 if usage is not None else len(_GENERATED.findall(out)), False, False)
+
+
+def carries_text(payload: bytes) -> bool:
+    """Whether a forwarded chunk holds generated text (reasoning, content, a tool call)."""
+    return _GENERATED.search(payload) is not None
 
 
 def rewrite_chunk(payload: bytes, *, keep_usage: bool) -> ChunkInfo:
