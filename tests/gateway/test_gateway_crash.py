@@ -27,7 +27,11 @@ def _ledger(path: Any) -> tuple[int, list[Any]]:
 
 def test_kill_9_mid_stream_then_restart_voids_the_reservation(engine: Any, tmp_path: Any) -> None:
     data_dir = tmp_path / "data"
-    ttl = {"R1NEST_STREAM_TIMEOUT_S": "1", "R1NEST_RESERVATION_TTL_S": "1.5"}
+    # The kill must land while the stream is open (before the gateway's stream timeout settles
+    # it): 5 s leaves a loaded machine plenty of room; the reservation outlives it (the settings
+    # require a TTL over the stream timeout) and the test waits past it below.
+    ttl_s = 5.5
+    ttl = {"R1NEST_STREAM_TIMEOUT_S": "5", "R1NEST_RESERVATION_TTL_S": str(ttl_s)}
     engine.configure(token_delay_s=0.5, reasoning_tokens=50)
     first = GatewayProcess(engine.url, data_dir, log_path=tmp_path / "first.log", **ttl)
     try:
@@ -46,6 +50,7 @@ def test_kill_9_mid_stream_then_restart_voids_the_reservation(engine: Any, tmp_p
         head = sock.recv(65536)
         assert b" 200 " in head and b"x-remaining-credits" in head  # reserved, streaming
         first.stop(kill=True)  # SIGKILL: no settlement, no drain
+        killed_at = time.time()  # after the reservation was made
         sock.close()
     finally:
         first.stop(kill=True)
@@ -53,7 +58,7 @@ def test_kill_9_mid_stream_then_restart_voids_the_reservation(engine: Any, tmp_p
     balance, postings = _ledger(data_dir / "ledger.sqlite3")
     assert balance < 10_000 and [p.kind for p in postings] == ["grant", "reserve"]
 
-    time.sleep(1.6)  # past the reservation's deadline
+    time.sleep(max(0.0, killed_at + ttl_s + 0.1 - time.time()))  # past the reservation's deadline
     second = GatewayProcess(engine.url, data_dir, log_path=tmp_path / "second.log", **ttl)
     second.stop()
     assert "voided 1 expired reservation" in second.log()

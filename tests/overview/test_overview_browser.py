@@ -189,7 +189,7 @@ def test_warming_page_shows_the_eta_and_turns_ready_by_itself(browser, tmp_path)
             assert "503" in page.inner_text("body")
             screenshot(page, "gateway-warming")
             state.set_ready()
-            page.wait_for_selector("#readiness[data-phase=ready]", timeout=20_000)  # no eval: the CSP forbids it
+            page.wait_for_selector("#readiness[data-phase=ready]", timeout=30_000)  # no eval: the CSP forbids it
             assert page.inner_text("#readiness") == "ready"
             assert not [p for p in problems if "Content Security Policy" in p], problems
         finally:

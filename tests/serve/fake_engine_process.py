@@ -1,10 +1,11 @@
 """A stand-in engine process for the launcher tests: a real child that behaves badly on request.
 
-    python fake_engine_process.py --port P [--ready-after S] [--crash-after S] [--crash-starts N
-        --counter FILE] [--unhealthy-after S] [--ignore-sigterm] [--spawn-child PIDFILE] [--print-key]
+    python fake_engine_process.py --port P [--ready-after S] [--crash-when FILE] [--crash-starts N
+        --counter FILE] [--unhealthy-when FILE] [--ignore-sigterm] [--spawn-child PIDFILE] [--print-key]
 
 It reads its key from VLLM_API_KEY like vLLM, answers GET /health (200 once "ready"), and
-exits with code 3 when told to crash.
+exits with code 3 when told to crash. The test says when to crash or turn unhealthy by creating
+FILE (the process takes it away, so the restarted engine is well): no race with the scheduler.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--ready-after", type=float, default=0.2)
-    parser.add_argument("--crash-after", type=float, default=None)
+    parser.add_argument("--crash-when", default=None, help="crash once this file exists (and remove it)")
     parser.add_argument("--crash-starts", type=int, default=None, help="crash at start for the first N starts")
     parser.add_argument("--counter", default=None)
-    parser.add_argument("--unhealthy-after", type=float, default=None)
+    parser.add_argument("--unhealthy-when", default=None, help="/health fails for good once this file exists")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--spawn-child", default=None, help="start a grandchild, write its pid here")
     parser.add_argument("--print-key", action="store_true")
@@ -54,10 +55,22 @@ def main() -> None:
             print("fake engine: crashing at startup", flush=True)
             os._exit(3)
 
+    unhealthy = threading.Event()
+
+    def _take(path: str | None) -> bool:
+        if path is None:
+            return False
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            return False
+        return True
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
-            age = time.monotonic() - started
-            ok = age >= args.ready_after and (args.unhealthy_after is None or age < args.unhealthy_after)
+            if _take(args.unhealthy_when):
+                unhealthy.set()
+            ok = time.monotonic() - started >= args.ready_after and not unhealthy.is_set()
             self.send_response(200 if ok else 503)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -67,8 +80,8 @@ def main() -> None:
 
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    deadline = started + (args.crash_after if args.crash_after is not None else 600)
-    while time.monotonic() < deadline:
+    deadline = started + 600
+    while time.monotonic() < deadline and not _take(args.crash_when):
         time.sleep(0.05)
     print("fake engine: crashing", flush=True)
     os._exit(3)

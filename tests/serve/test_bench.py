@@ -120,9 +120,9 @@ async def test_credits_spent_through_the_gateway(tmp_path) -> None:  # type: ign
         server = uvicorn_server(app, settings, loop="asyncio", http="h11")
         serve_task = asyncio.create_task(server.serve())
         try:
-            for _ in range(200):
-                if server.started:
-                    break
+            deadline = time.monotonic() + 30
+            while not server.started:
+                assert time.monotonic() < deadline and not serve_task.done(), "the gateway did not start"
                 await asyncio.sleep(0.02)
             report = await bench_async(f"http://127.0.0.1:{port}/v1", key, model=None, concurrency=3,
                                        prompt_tokens=8, max_tokens=16, duration_s=None, requests=6)

@@ -134,11 +134,13 @@ async def test_ready_key_in_env_only_logs_forwarded_and_redacted(tmp_path: Path)
 async def test_crash_after_ready_restarts_the_engine(tmp_path: Path) -> None:
     state = EngineState(phase="warming")
     phases: list[str] = []
-    sup = _supervisor(tmp_path, "--crash-after", "1.0", state=state)
+    crash = tmp_path / "crash"
+    sup = _supervisor(tmp_path, "--crash-when", str(crash), state=state)
     task = asyncio.create_task(sup.run())
     try:
         await asyncio.wait_for(sup.ready_event.wait(), 20)
         first_pid = sup.pid
+        crash.touch()  # crashes after it was seen ready, however slow its start was
         await _until(lambda: sup.starts >= 2, 20)
         phases.append(state.phase)
         await asyncio.wait_for(sup.ready_event.wait(), 20)
@@ -194,11 +196,13 @@ async def test_a_crash_at_startup_then_success_recovers(tmp_path: Path) -> None:
 
 
 async def test_stuck_engine_is_restarted(tmp_path: Path) -> None:
-    sup = _supervisor(tmp_path, "--unhealthy-after", "0.8")
+    stuck = tmp_path / "stuck"
+    sup = _supervisor(tmp_path, "--unhealthy-when", str(stuck))
     task = asyncio.create_task(sup.run())
     try:
         await asyncio.wait_for(sup.ready_event.wait(), 20)
         first_pid = sup.pid
+        stuck.touch()  # stops answering /health after it was seen ready, however slow its start was
         await _until(lambda: sup.starts >= 2, 20)
         assert not _alive(first_pid)
     finally:
@@ -218,7 +222,8 @@ async def test_stop_kills_the_whole_group_even_when_sigterm_is_ignored(tmp_path:
     started = time.monotonic()
     await sup.stop()
     await asyncio.wait_for(task, 10)
-    assert 0.9 <= time.monotonic() - started < 8  # waited for the grace period, then killed
+    # waited for the grace period, then killed (the upper bound only says it did not hang)
+    assert 0.9 <= time.monotonic() - started < 30
     assert not _alive(pid)
     await _until(lambda: not _alive(grandchild), 5)
 

@@ -120,7 +120,11 @@ def test_sigterm_drains_an_open_stream_then_exits_0(running: Running) -> None:
     assert started.wait(20)
     running.process.send_signal(signal.SIGTERM)
     at_signal = len(events)
-    time.sleep(0.3)
+    # wait until serve has taken the signal (it says so as it starts draining), not a fixed pause
+    deadline = time.monotonic() + 30
+    while "refusing new requests" not in running.log.read_text():
+        assert time.monotonic() < deadline and running.process.poll() is None, running.log.read_text()
+        time.sleep(0.02)
     refused = _chat(running)
     assert refused.status_code == 503 and "retry-after" in refused.headers  # still listening, refusing
     reader.join(30)

@@ -12,8 +12,8 @@ finish chunk, a usage chunk when `stream_options.include_usage` is set (usage on
 `continuous_usage_stats`), then `data: [DONE]`. One delta is one token.
 
 Tests steer it through `Behavior` (slow tokens, fail before or during the stream, drop the
-connection, omit or inflate usage, require an API key) and read what it saw: every request with
-its headers (`requests`) and every stream the client abandoned (`aborts`).
+connection, stall mid-stream, omit or inflate usage, require an API key) and read what it saw:
+every request with its headers (`requests`) and every stream the client abandoned (`aborts`).
 
     with FakeEngine(Behavior(token_delay_s=0.01)) as engine:
         url = engine.url          # http://127.0.0.1:<port>
@@ -49,6 +49,8 @@ class Behavior:
     fail_before_stream: bool = False  # answer 500 instead of a completion
     fail_after_chunks: int | None = None  # vLLM-style error event + [DONE] after N token chunks
     drop_after_chunks: int | None = None  # close the TCP connection after N token chunks
+    hold_after_chunks: int | None = None  # stall after N token chunks: nothing more for hold_s
+    hold_s: float = 30.0  # (a stream that stays open, whatever the scheduler, until the test acts)
     omit_usage: bool = False  # no usage anywhere, even when asked
     absurd_usage: bool = False  # usage reports ABSURD_TOKENS completion tokens
     api_key: str | None = None  # when set, requests need `Authorization: Bearer <api_key>`
@@ -281,6 +283,8 @@ class _EngineApp:
                     if request.transport is not None:
                         request.transport.abort()
                     return response
+                if behavior.hold_after_chunks is not None and sent == behavior.hold_after_chunks:
+                    await asyncio.sleep(behavior.hold_s)  # cancelled when the client goes away
                 if behavior.token_delay_s:
                     await asyncio.sleep(behavior.token_delay_s)
                 if request.transport is None or request.transport.is_closing():
