@@ -7,13 +7,15 @@ generated once into `data_dir/admin_key` (mode 0600).
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from pathlib import Path
 from typing import Any
 
-from r1nest.errors import ConfigError, StoreError
+from r1nest.errors import ConfigError, InvalidLedgerArgument
 from r1nest.keys import ADMIN_PREFIX, digests_equal, hash_key, new_key, parse_key_id
+from r1nest.ledger import rules
 from r1nest.ledger.base import KeyRecord, Store
 from r1nest.settings import Settings
 
@@ -24,9 +26,11 @@ _MAX_ADMIN_KEY_FILE_BYTES = 1024
 async def create_api_key(
     store: Store, *, name: str, credits: int, expires_at: float | None = None, now: float
 ) -> tuple[KeyRecord, str]:
-    """A new key with `credits`; returns its record and the plaintext, which nothing keeps."""
+    """A new key with `credits`; returns its record and the plaintext, which nothing keeps.
+    InvalidLedgerArgument for an expiry that is not finite unix seconds in the future."""
+    expires_at = rules.check_expires_at(expires_at)
     if expires_at is not None and expires_at <= now:
-        raise StoreError("a key's expiry must be in the future")
+        raise InvalidLedgerArgument("a key's expiry must be in the future")
     key_id, plaintext = new_key()
     record = await store.create_key(
         key_id=key_id, key_hash=hash_key(plaintext), name=name, credits=credits,
@@ -110,12 +114,17 @@ def _read_admin_key(path: Path) -> str:
 
 
 def key_json(record: KeyRecord) -> dict[str, Any]:
-    """A key as the admin API and `r1nest keys list --json` show it: never its hash or secret."""
+    """A key as the admin API and `r1nest keys list --json` show it: never its hash or secret.
+    Always valid JSON: an expiry a store took before expiries were checked to be finite shows
+    as what it does (+Infinity: never expires, null; NaN or -Infinity: never usable, 0)."""
+    expires_at = record.expires_at
+    if expires_at is not None and not math.isfinite(expires_at):
+        expires_at = None if expires_at > 0 else 0.0
     return {
         "id": record.key_id,
         "name": record.name,
         "created_at": record.created_at,
-        "expires_at": record.expires_at,
+        "expires_at": expires_at,
         "revoked": record.revoked,
         "remaining_credits": record.remaining_credits,
     }

@@ -3,7 +3,11 @@
     R1nestError                      CLI: "error: <message>", exit 1
     ├── ConfigError                  bad settings / flags (exit 2)
     ├── PlanError                    the planner refuses: reason + alternatives (exit 3)
-    ├── StoreError                   ledger / key store failures
+    ├── StoreError                   ledger / key store failures (a bare one is a bug: 500)
+    │   ├── StoreUnavailable         the store cannot answer now: unreachable, locked past its
+    │   │                            busy timeout, throttled, closed (HTTP 503 + Retry-After)
+    │   ├── InvalidLedgerArgument    the caller's arguments are refused: amounts out of range,
+    │   │                            bad expiry, duplicate key id, unknown reservation (400)
     │   ├── InsufficientCredits      -> 406 insufficient_credits
     │   ├── UnknownKey               no such key id (admin API -> 404)
     │   └── ReservationClosed        settle/void of a reservation already closed
@@ -39,7 +43,20 @@ class PlanError(R1nestError):
 
 
 class StoreError(R1nestError):
-    pass
+    """Base of the ledger's errors. Raise a subclass: a bare StoreError means a bug."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot answer now (unreachable, locked past its busy timeout, throttled, closed);
+    the same call may succeed later. HTTP answers it with 503 and Retry-After."""
+
+
+class InvalidLedgerArgument(StoreError):
+    """The store refuses the arguments (an amount out of range, a bad expiry or name, a key id
+    that exists, a reservation that does not); retrying the same call fails again. HTTP: 400."""
+
+
+STORE_RETRY_AFTER_S = 5  # what a 503 for an unavailable store tells the client to wait
 
 
 class InsufficientCredits(StoreError):
@@ -132,3 +149,11 @@ class UpstreamError(ApiError):
 
 class Unavailable(ApiError):
     status_code, error_type, code = 503, "server_error", "engine_unavailable"
+
+
+def store_unavailable(message: str = "The credit ledger is unavailable; retry shortly.") -> Unavailable:
+    """The HTTP answer for a StoreUnavailable: 503, code `ledger_unavailable`, Retry-After. The
+    default message names no detail of the store (public callers); the admin API adds it."""
+    return Unavailable(
+        message, code="ledger_unavailable", headers={"Retry-After": str(STORE_RETRY_AFTER_S)}
+    )

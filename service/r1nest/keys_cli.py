@@ -8,6 +8,11 @@ One set of commands, two ways to reach the keys:
   from R1NEST_ADMIN_KEY, `--admin-key`, or the one stored in the data dir.
 
 A key's plaintext is printed once, by `create`; nothing else ever shows it (or its hash).
+
+Errors are one line on stderr and exit 1 (`r1nest.cli.main`), never a traceback: a store that
+cannot answer now (locked past its busy timeout, unreachable, throttled; a gateway answering
+503) is StoreUnavailable, "the key store cannot be reached now ...; retry shortly"; refused
+input is InvalidLedgerArgument or a usage error (exit 2).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from urllib.parse import urlsplit
 import click
 
 from r1nest import accounts
-from r1nest.errors import ConfigError, R1nestError, UnknownKey
+from r1nest.errors import ConfigError, InvalidLedgerArgument, R1nestError, StoreUnavailable, UnknownKey
 from r1nest.keys import parse_key_id
 from r1nest.ledger.base import Store
 from r1nest.ledger.rules import MAX_CREDITS, MAX_IDEMPOTENCY_KEY_CHARS, MAX_NAME_CHARS
@@ -39,6 +44,16 @@ _IDEMPOTENCY_KEY = re.compile(rf"^[\x21-\x7e]{{1,{MAX_IDEMPOTENCY_KEY_CHARS}}}$"
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 T = TypeVar("T")
+
+
+class _Explained(StoreUnavailable):
+    """A StoreUnavailable already worded for the user."""
+
+
+def _unavailable(exc: StoreUnavailable) -> StoreUnavailable:
+    if isinstance(exc, _Explained):
+        return exc
+    return _Explained(f"the key store cannot be reached now ({exc}); retry shortly")
 
 
 class KeyAdmin(Protocol):
@@ -145,8 +160,14 @@ class RemoteKeys:
             if key_id is not None and _error_code(body) == "key_not_found":
                 raise UnknownKey(f"no key with id {key_id}")
             raise R1nestError(f"{method} {path}: not found at {self._url} (404); is this an r1nest gateway?")
+        detail = f": {message}" if message else ""
+        if response.status_code == 503:
+            retry = response.headers.get("retry-after")
+            when = f"retry in {retry} s" if retry and retry.isdigit() else "retry shortly"
+            raise _Explained(f"the gateway at {self._url} cannot answer {method} {path} now (503){detail}; {when}")
+        if response.status_code == 400:
+            raise InvalidLedgerArgument(f"the gateway refused {method} {path} (400){detail}")
         if response.status_code >= 400:
-            detail = f": {message}" if message else ""
             raise R1nestError(f"the gateway refused {method} {path} ({response.status_code}){detail}")
         if not isinstance(body, dict):
             raise R1nestError(f"{self._url} answered {method} {path} with something other than a JSON object")
@@ -173,7 +194,10 @@ def _key_admin(data_dir: Path | None, url: str | None, admin_key: str | None) ->
     if url is None:
         from r1nest.ledger import open_store
 
-        return LocalKeys(open_store(settings))
+        try:
+            return LocalKeys(open_store(settings))
+        except StoreUnavailable as exc:
+            raise _unavailable(exc) from None
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"--url must be an http(s) URL such as https://gateway.example.com, got {url!r}")
@@ -198,7 +222,10 @@ def _run(admin: KeyAdmin, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
         finally:
             await admin.close()
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except StoreUnavailable as exc:
+        raise _unavailable(exc) from None
 
 
 def _key_id(value: str) -> str:
@@ -213,7 +240,10 @@ def _key_id(value: str) -> str:
 def _when(seconds: float | None) -> str:
     if seconds is None:
         return "never"
-    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%d %H:%M UTC")
+    except (OverflowError, ValueError, OSError):  # not a date a clock can show
+        return repr(seconds)
 
 
 def _print_json(value: Any) -> None:
@@ -342,11 +372,12 @@ def topup(
     admin = _key_admin(data_dir, url, admin_key)
     try:
         answer = _run(admin, lambda a: a.topup(key_id, credits, idempotency_key=idempotency_key))
-    except UnknownKey:
-        raise
+    except (UnknownKey, InvalidLedgerArgument):
+        raise  # refused: nothing was applied
     except R1nestError as exc:
         # the top-up may or may not have been applied: the key makes a retry safe
-        raise R1nestError(f"{exc} (retry safely with --idempotency-key {idempotency_key})") from None
+        hint = f"{exc} (retry safely with --idempotency-key {idempotency_key})"
+        raise (_Explained(hint) if isinstance(exc, StoreUnavailable) else R1nestError(hint)) from None
     if as_json:
         _print_json({"id": answer["id"], "remaining_credits": answer["remaining_credits"],
                      "idempotency_key": idempotency_key})

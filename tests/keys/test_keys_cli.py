@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 from r1nest.accounts import authenticate
-from r1nest.errors import ConfigError, R1nestError, UnknownKey
+from r1nest.errors import ConfigError, R1nestError, StoreUnavailable, UnknownKey
 from r1nest.keys_cli import keys
 from r1nest.ledger.sqlite import SqliteStore
 
@@ -158,6 +160,12 @@ def test_errors_reach_the_user_as_one_line_without_a_traceback(tmp_path: Path) -
 
 @pytest.fixture
 def gateway_url(tmp_path: Path) -> Iterator[tuple[str, SqliteStore]]:
+    with serve_gateway(tmp_path) as served:
+        yield served
+
+
+@contextmanager
+def serve_gateway(tmp_path: Path) -> Iterator[tuple[str, SqliteStore]]:
     from r1nest.gateway.app import create_app
     from r1nest.gateway.upstream import UpstreamConfig
     from r1nest.settings import Settings
@@ -265,3 +273,103 @@ def test_local_mode_follows_the_settings_to_dynamodb(tmp_path: Path, monkeypatch
         listed = json.loads(ok(invoke(tmp_path, "list", "--json", env=env)))["data"]
     assert [(d["id"], d["remaining_credits"]) for d in listed] == [(created["id"], 10)]
     assert not (tmp_path / "ledger.sqlite3").exists()
+
+
+# the store cannot answer: one line, exit 1, never a traceback ---------------------------------
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Another connection holds `BEGIN EXCLUSIVE` on the ledger file."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN EXCLUSIVE")
+        yield
+        db.execute("ROLLBACK")
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("r1nest.ledger.sqlite.BUSY_TIMEOUT_MS", 200)
+
+
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`r1nest keys ...` through the real entry point (`r1nest.cli.main`), in this process so
+    that the busy timeout can be short: (exit code, stdout, stderr)."""
+    from r1nest.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["r1nest", "keys", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
+
+
+def assert_one_line_error(code: int, out: str, err: str, *expected: str) -> None:
+    assert code == 1, (out, err)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert "Traceback" not in out + err
+    for text in expected:
+        assert text in err, err
+
+
+def test_a_locked_local_ledger_is_a_one_line_error(
+    tmp_path: Path, short_busy_timeout, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key_id = json.loads(ok(invoke(tmp_path, "create", "--credits", "5", "--json")))["id"]
+    with locked(tmp_path / "ledger.sqlite3"):
+        created = run_main(monkeypatch, capsys, "create", "--credits", "1", "--data-dir", str(tmp_path))
+        topped = run_main(monkeypatch, capsys, "topup", key_id, "3", "--idempotency-key", "p1", "--data-dir", str(tmp_path))
+        revoked = run_main(monkeypatch, capsys, "revoke", key_id, "--data-dir", str(tmp_path))
+    assert_one_line_error(*created, "the key store cannot be reached now", "database is locked", "retry shortly")
+    assert_one_line_error(*topped, "database is locked", "retry safely with --idempotency-key p1")
+    assert_one_line_error(*revoked, "database is locked")
+    listed = json.loads(ok(invoke(tmp_path, "list", "--json")))["data"]
+    assert [(d["id"], d["remaining_credits"], d["revoked"]) for d in listed] == [(key_id, 5, False)]  # nothing applied
+
+
+def test_an_unreachable_dynamodb_table_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    from r1nest.testing.dynamodb import FAKE_AWS_ENV, REGION
+
+    for name, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setattr("r1nest.ledger.dynamodb.MAX_ATTEMPTS", 1)  # no backoff: the point is the message
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    for name, value in {
+        "R1NEST_STORE": "dynamodb", "R1NEST_DYNAMODB_TABLE": "keys-cli", "R1NEST_AWS_REGION": REGION,
+        "R1NEST_DYNAMODB_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }.items():
+        monkeypatch.setenv(name, value)
+    listed = run_main(monkeypatch, capsys, "list", "--data-dir", str(tmp_path))
+    assert_one_line_error(*listed, "the key store cannot be reached now", f"127.0.0.1:{port}")
+
+
+@pytest.fixture
+def gateway_with_short_busy_timeout(tmp_path: Path, short_busy_timeout) -> Iterator[tuple[str, SqliteStore]]:
+    with serve_gateway(tmp_path) as served:
+        yield served
+
+
+def test_a_gateway_whose_ledger_is_locked_is_a_one_line_error(
+    tmp_path: Path, gateway_with_short_busy_timeout, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, store = gateway_with_short_busy_timeout
+    monkeypatch.setenv("R1NEST_ADMIN_KEY", ADMIN_KEY)
+    with locked(store.path):
+        created = remote(tmp_path, url, "create", "--credits", "1")
+        assert isinstance(created.exception, StoreUnavailable)
+        assert "(503)" in str(created.exception) and "retry in 5 s" in str(created.exception)
+        code, out, err = run_main(monkeypatch, capsys, "create", "--credits", "1", "--url", url, "--data-dir", str(tmp_path))
+    assert_one_line_error(code, out, err, f"the gateway at {url} cannot answer POST /admin/keys now (503)", "database is locked")
+    assert json.loads(ok(remote(tmp_path, url, "list", "--json")))["data"] == []

@@ -37,11 +37,22 @@ def moto_in_process() -> Iterator[None]:
             yield
 
 
+# moto's server answers one request at a time (r1nest.testing.dynamodb), so a client's request
+# waits behind every other one in flight (two processes x 32 threads in the race test): on a
+# loaded machine that queue outlasts the ledger's 10 s read timeout, botocore retries on top of
+# the queue, and the run collapses into "Read timeout" or, for a retried PutItem that had gone
+# through, "key id ... already exists". Real DynamoDB has no such queue; clients of the fake get
+# a read timeout that only a hung server reaches.
+MOTO_SERVER_READ_TIMEOUT_S = 300.0
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """moto's DynamoDB server on loopback, shared by the session (each test uses its own table)."""
-    with moto_dynamodb_server() as endpoint:
-        yield endpoint
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("r1nest.ledger.dynamodb.READ_TIMEOUT_S", MOTO_SERVER_READ_TIMEOUT_S)
+        with moto_dynamodb_server() as endpoint:
+            yield endpoint
 
 
 def new_table_name() -> str:

@@ -17,7 +17,7 @@ from r1nest.accounts import (
     ensure_admin_key,
     read_admin_key,
 )
-from r1nest.errors import ConfigError, StoreError
+from r1nest.errors import ConfigError, InvalidLedgerArgument
 from r1nest.keys import hash_key, parse_key_id
 from r1nest.ledger.memory import MemoryStore
 from r1nest.ledger.sqlite import SqliteStore
@@ -54,8 +54,35 @@ async def test_every_kind_of_bad_key_is_refused_alike() -> None:
 
 
 async def test_expiry_in_the_past_is_refused() -> None:
-    with pytest.raises(StoreError):
+    with pytest.raises(InvalidLedgerArgument):
         await create_api_key(MemoryStore(), name="", credits=1, expires_at=T0, now=T0)
+
+
+@pytest.mark.parametrize("expires_at", [float("nan"), float("inf"), 10**400], ids=["nan", "inf", "10**400"])
+async def test_an_expiry_that_is_not_finite_is_refused(expires_at) -> None:
+    """NaN compares False with `now`, so `expires_at <= now` alone let it through."""
+    store = MemoryStore()
+    with pytest.raises(InvalidLedgerArgument):
+        await create_api_key(store, name="", credits=1, expires_at=expires_at, now=T0)
+    assert await store.list_keys() == []
+
+
+def test_key_json_is_valid_json_for_an_expiry_stored_before_the_checks() -> None:
+    """A row written before expiries were checked (Infinity, NaN) still lists as JSON."""
+    import json
+
+    from r1nest.accounts import key_json
+    from r1nest.ledger.base import KeyRecord
+
+    def strict(value: object) -> object:
+        return json.loads(json.dumps(value, allow_nan=False))
+
+    never = KeyRecord("0123456789ab", "", "f" * 64, T0, float("inf"), False, 1)
+    assert strict(key_json(never))["expires_at"] is None  # usable forever, as null means
+    for unusable in (float("nan"), float("-inf")):
+        record = KeyRecord("0123456789ab", "", "f" * 64, T0, unusable, False, 1)
+        assert not record.usable(T0)
+        assert strict(key_json(record))["expires_at"] == 0.0  # expired, as the record acts
 
 
 def test_admin_key_from_settings_wins(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import asyncio
 import random
 
 import pytest
-from r1nest.errors import InsufficientCredits, ReservationClosed, StoreError, UnknownKey
+from r1nest.errors import InsufficientCredits, InvalidLedgerArgument, ReservationClosed, UnknownKey
 from r1nest.ledger.base import Store
 from r1nest.ledger.rules import MAX_CREDITS
 
@@ -59,9 +59,31 @@ async def test_create_key_grants_its_credits_once(store: Store) -> None:
 
 async def test_create_key_refuses_a_duplicate_id_and_changes_nothing(store: Store) -> None:
     key_id = await make_key(store, credits=10)
-    with pytest.raises(StoreError):
+    with pytest.raises(InvalidLedgerArgument):
         await make_key(store, key_id=key_id, credits=99)
     await assert_consistent(store, key_id, 10)
+
+
+@pytest.mark.parametrize(
+    "expires_at",
+    [float("nan"), float("inf"), float("-inf"), 10**400, 0, -1.0, 1e13, True, "2030-01-01"],
+    ids=["nan", "inf", "-inf", "10**400", "0", "-1", "1e13", "True", "str"],
+)
+async def test_create_key_refuses_an_expiry_that_is_not_finite_unix_seconds(store: Store, expires_at) -> None:
+    """NaN would be a key that never expires (SQLite stores NaN as NULL); Infinity one that no
+    JSON can list; 10**400 no float can hold; 1e13 is past the year 9999."""
+    with pytest.raises(InvalidLedgerArgument):
+        await make_key(store, expires_at=expires_at)
+    assert await store.get_key("0123456789ab") is None
+    assert await store.list_keys() == []
+
+
+async def test_create_key_keeps_an_integer_expiry_as_unix_seconds(store: Store) -> None:
+    record = await store.create_key(
+        key_id="0123456789ab", key_hash="a" * 64, name="", credits=1, expires_at=int(T0) + 60, now=T0,
+    )
+    assert record.expires_at == T0 + 60 and isinstance(record.expires_at, float)
+    assert (await store.get_key("0123456789ab")).expires_at == T0 + 60
 
 
 async def test_list_keys_returns_every_key_in_creation_order(store: Store) -> None:
@@ -85,9 +107,9 @@ async def test_unknown_key_errors(store: Store) -> None:
 
 
 async def test_unknown_reservation_is_an_error(store: Store) -> None:
-    with pytest.raises(StoreError):
+    with pytest.raises(InvalidLedgerArgument):
         await store.settle("f" * 32, 0, now=T0)
-    with pytest.raises(StoreError):
+    with pytest.raises(InvalidLedgerArgument):
         await store.void("f" * 32, now=T0)
 
 
@@ -154,7 +176,7 @@ async def test_reserve_the_whole_balance_down_to_zero(store: Store) -> None:
 async def test_reserve_refuses_amounts_that_are_not_credits(store: Store) -> None:
     key_id = await make_key(store, credits=100)
     for credits in [-1, 1.5, True, "5", MAX_CREDITS + 1]:
-        with pytest.raises(StoreError):
+        with pytest.raises(InvalidLedgerArgument):
             await store.reserve(key_id, credits, ttl_s=TTL_S, now=T0)
     await assert_consistent(store, key_id, 100)
 
@@ -162,7 +184,7 @@ async def test_reserve_refuses_amounts_that_are_not_credits(store: Store) -> Non
 async def test_reserve_refuses_a_bad_ttl(store: Store) -> None:
     key_id = await make_key(store, credits=100)
     for ttl_s in [0, -5, float("inf"), float("nan")]:
-        with pytest.raises(StoreError):
+        with pytest.raises(InvalidLedgerArgument):
             await store.reserve(key_id, 1, ttl_s=ttl_s, now=T0)
     await assert_consistent(store, key_id, 100)
 
@@ -233,7 +255,7 @@ async def test_settle_refuses_a_bad_charge_and_leaves_the_reservation_open(store
     key_id = await make_key(store, credits=100)
     reservation = await store.reserve(key_id, 50, ttl_s=TTL_S, now=T0)
     for charged in [51, -1, 2.0, None]:
-        with pytest.raises(StoreError) as caught:
+        with pytest.raises(InvalidLedgerArgument) as caught:
             await store.settle(reservation.reservation_id, charged, now=T0)
         assert not isinstance(caught.value, ReservationClosed)
     await assert_consistent(store, key_id, 50)
@@ -311,7 +333,7 @@ async def test_concurrent_retries_of_one_topup_apply_once(store: Store) -> None:
 async def test_topup_refuses_amounts_that_are_not_positive_credits(store: Store) -> None:
     key_id = await make_key(store, credits=100)
     for credits in [0, -5, 2.5]:
-        with pytest.raises(StoreError):
+        with pytest.raises(InvalidLedgerArgument):
             await store.topup(key_id, credits, idempotency_key="x", now=T0)
     await assert_consistent(store, key_id, 100)
     assert await store.topup(key_id, 1, idempotency_key="x", now=T0) == 101  # "x" was not used up
@@ -319,7 +341,7 @@ async def test_topup_refuses_amounts_that_are_not_positive_credits(store: Store)
 
 async def test_topup_refuses_to_overflow_the_balance(store: Store) -> None:
     key_id = await make_key(store, credits=MAX_CREDITS - 5)
-    with pytest.raises(StoreError):
+    with pytest.raises(InvalidLedgerArgument):
         await store.topup(key_id, 6, idempotency_key="big", now=T0)
     await assert_consistent(store, key_id, MAX_CREDITS - 5)
     # the refused top-up did not burn its idempotency key

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from r1nest.accounts import authenticate, create_api_key
@@ -22,7 +23,7 @@ from r1nest.ledger.dynamodb import (
 )
 from r1nest.testing.dynamodb import FAKE_AWS_ENV, REGION
 
-from .conftest import new_table_name
+from .conftest import MOTO_SERVER_READ_TIMEOUT_S, new_table_name
 
 T0 = 1_700_000_000.0
 KEY_ID = "0123456789ab"
@@ -31,9 +32,11 @@ CHILD = textwrap.dedent(
     """
     import asyncio, json, sys, time
     from r1nest.errors import InsufficientCredits
+    from r1nest.ledger import dynamodb
     from r1nest.ledger.dynamodb import DynamoStore
 
     table, endpoint, key_id, attempts, t0 = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+    dynamodb.READ_TIMEOUT_S = float(sys.argv[6])  # moto's one-at-a-time queue (see conftest.py)
 
     async def main():
         store = DynamoStore(table, "us-east-1", endpoint_url=endpoint)
@@ -82,7 +85,7 @@ async def test_two_processes_racing_200_reservations_never_overspend(server_stor
     def race() -> list[tuple[str, str]]:
         children = [
             subprocess.Popen(
-                [sys.executable, "-c", CHILD, table, endpoint, KEY_ID, "100", str(T0)],
+                [sys.executable, "-c", CHILD, table, endpoint, KEY_ID, "100", str(T0), str(MOTO_SERVER_READ_TIMEOUT_S)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
             )
             for _ in range(2)
@@ -93,7 +96,7 @@ async def test_two_processes_racing_200_reservations_never_overspend(server_stor
             for child in children:
                 child.stdin.write("go\n")
                 child.stdin.flush()
-            outputs = [child.communicate(timeout=120) for child in children]
+            outputs = [child.communicate(timeout=600) for child in children]
         finally:
             for child in children:
                 if child.poll() is None:
@@ -195,13 +198,181 @@ def test_open_store_without_a_table_is_a_config_error() -> None:
         open_store(Settings(store="dynamodb"))
 
 
-async def test_an_unreachable_table_is_a_store_error(fake_aws, moto_endpoint) -> None:
-    from r1nest.errors import StoreError
+async def test_an_unreachable_table_is_store_unavailable(fake_aws, moto_endpoint) -> None:
+    from r1nest.errors import StoreUnavailable
 
     store = DynamoStore("no-such-table", REGION, endpoint_url=moto_endpoint)
-    with pytest.raises(StoreError, match="ResourceNotFound"):
+    with pytest.raises(StoreUnavailable, match="ResourceNotFound"):
         await store.balance(KEY_ID)
     await store.close()
+
+
+# outages: the table cannot answer -> StoreUnavailable (HTTP 503), never "bad request" ----------
+
+MOTO_SERVER_CHILD = textwrap.dedent(
+    """
+    import sys
+    from r1nest.testing.dynamodb import moto_dynamodb_server
+
+    with moto_dynamodb_server() as endpoint:
+        print(endpoint, flush=True)
+        sys.stdin.readline()
+    """
+)
+
+
+@pytest.fixture
+def fail_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One attempt per call and short timeouts: botocore's backoff over 8 attempts (tens of
+    seconds on a dead endpoint) is not what these tests are about."""
+    from r1nest.ledger import dynamodb
+
+    monkeypatch.setattr(dynamodb, "MAX_ATTEMPTS", 1)
+    monkeypatch.setattr(dynamodb, "CONNECT_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(dynamodb, "READ_TIMEOUT_S", 2.0)
+
+
+def every_operation(store: DynamoStore) -> list:
+    return [
+        store.get_key(KEY_ID),
+        store.list_keys(),
+        store.balance(KEY_ID),
+        store.create_key(key_id="ba0ba0ba0ba0", key_hash="f" * 64, name="", credits=1, expires_at=None, now=T0),
+        store.revoke_key(KEY_ID),
+        store.topup(KEY_ID, 5, idempotency_key="t", now=T0),
+        store.reserve(KEY_ID, 5, ttl_s=60, now=T0),
+        store.void("f" * 32, now=T0),
+        store.sweep_expired(now=T0),
+        store.postings(KEY_ID),
+    ]
+
+
+async def assert_every_operation_is_unavailable(store: DynamoStore) -> None:
+    from r1nest.errors import StoreUnavailable
+
+    for call in every_operation(store):
+        with pytest.raises(StoreUnavailable):
+            await call
+
+
+async def test_a_killed_server_is_store_unavailable(fake_aws, fail_fast) -> None:
+    """moto's server in its own process, killed: nothing listens on its port any more."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", MOTO_SERVER_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        endpoint = (await asyncio.to_thread(child.stdout.readline)).strip()
+        assert endpoint.startswith("http://127.0.0.1:"), endpoint
+        store = DynamoStore(new_table_name(), REGION, endpoint_url=endpoint)
+        await asyncio.to_thread(store.create_table)
+        await store.create_key(key_id=KEY_ID, key_hash="f" * 64, name="t", credits=100, expires_at=None, now=T0)
+        assert await store.balance(KEY_ID) == 100
+    finally:
+        child.kill()
+        child.wait(30)
+    await assert_every_operation_is_unavailable(store)
+    await store.close()
+
+
+async def test_a_server_that_stopped_answering_is_store_unavailable(fake_aws, fail_fast) -> None:
+    """moto's server stopped in this process: its socket still accepts, nothing answers (a hung
+    server): the read timeout ends each call."""
+    from r1nest.testing.dynamodb import moto_dynamodb_server
+
+    with moto_dynamodb_server() as endpoint:
+        store = DynamoStore(new_table_name(), REGION, endpoint_url=endpoint)
+        await asyncio.to_thread(store.create_table)
+        await store.create_key(key_id=KEY_ID, key_hash="f" * 64, name="t", credits=100, expires_at=None, now=T0)
+    from r1nest.errors import StoreUnavailable
+
+    for call in (store.balance(KEY_ID), store.reserve(KEY_ID, 5, ttl_s=60, now=T0)):
+        with pytest.raises(StoreUnavailable):
+            await call
+    await store.close()
+
+
+async def test_an_endpoint_nobody_listens_on_is_store_unavailable(fake_aws, fail_fast) -> None:
+    import socket
+
+    with socket.socket() as closed:  # a port that was free a moment ago: connection refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    store = DynamoStore(new_table_name(), REGION, endpoint_url=f"http://127.0.0.1:{port}")
+    await assert_every_operation_is_unavailable(store)
+    from r1nest.errors import StoreUnavailable
+
+    with pytest.raises(StoreUnavailable, match="cannot create the DynamoDB table"):
+        await asyncio.to_thread(store.create_table)
+    await store.close()
+
+
+def stubbed_error(code: str, status: int, **response: object) -> DynamoStore:
+    """A store whose next GetItem (and TransactWriteItems) fails with `code` (botocore's
+    Stubber: no network)."""
+    from botocore.stub import Stubber
+
+    store = DynamoStore("t", REGION, endpoint_url="http://127.0.0.1:9")
+    stubber = Stubber(store._client)
+    stubber.add_client_error("get_item", service_error_code=code, http_status_code=status, **response)
+    stubber.activate()
+    return store
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("ProvisionedThroughputExceededException", 400),
+        ("ThrottlingException", 400),
+        ("RequestLimitExceeded", 400),
+        ("InternalServerError", 500),
+        ("ServiceUnavailable", 503),
+        ("SomethingNewAndTransient", 503),  # any 5xx
+        ("UnrecognizedClientException", 400),  # credentials refused: nothing this call can fix
+    ],
+)
+async def test_throttling_and_server_faults_are_store_unavailable(fake_aws, code: str, status: int) -> None:
+    from r1nest.errors import StoreUnavailable
+
+    store = stubbed_error(code, status)
+    with pytest.raises(StoreUnavailable, match=code):
+        await store.get_key(KEY_ID)
+    await store.close()
+
+
+async def test_a_request_dynamodb_calls_invalid_is_a_bug_not_an_outage(fake_aws) -> None:
+    """ValidationException: a request this module built wrong. Neither 503 nor the caller's
+    fault (400): a bare StoreError, which the gateway answers 500 and logs."""
+    from r1nest.errors import InvalidLedgerArgument, StoreError, StoreUnavailable
+
+    store = stubbed_error("ValidationException", 400)
+    with pytest.raises(StoreError) as caught:
+        await store.get_key(KEY_ID)
+    assert not isinstance(caught.value, (StoreUnavailable, InvalidLedgerArgument))
+    await store.close()
+
+
+async def test_a_transaction_cancelled_by_throttling_is_store_unavailable(fake_aws) -> None:
+    from botocore.stub import Stubber
+    from r1nest.errors import StoreUnavailable
+
+    store = DynamoStore("t", REGION, endpoint_url="http://127.0.0.1:9")
+    stubber = Stubber(store._client)
+    stubber.add_client_error(
+        "transact_write_items", service_error_code="TransactionCanceledException", http_status_code=400,
+        response_meta={}, modeled_fields={"CancellationReasons": [{"Code": "ThrottlingError"}, {"Code": "None"}]},
+    )
+    stubber.activate()
+    with pytest.raises(StoreUnavailable, match="TransactionCanceled"):
+        await store.create_key(key_id=KEY_ID, key_hash="f" * 64, name="", credits=1, expires_at=None, now=T0)
+    await store.close()
+
+
+def test_without_boto3_the_dynamodb_store_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from r1nest.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "botocore.exceptions", None)  # import fails
+    with pytest.raises(ConfigError, match="needs boto3"):
+        DynamoStore("t", REGION)
 
 
 async def test_list_keys_reads_the_key_index_in_batches(server_store) -> None:
@@ -223,12 +394,10 @@ async def test_a_cancelled_reserve_gives_its_credits_back(server_store) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(300):
-        kinds = [p.kind for p in await store.postings(KEY_ID)]
-        if kinds == ["grant", "reserve", "void"]:
-            break
+    deadline = time.monotonic() + 30  # the void runs on a worker thread after the cancel
+    while (kinds := [p.kind for p in await store.postings(KEY_ID)]) != ["grant", "reserve", "void"]:
+        assert time.monotonic() < deadline, kinds
         await asyncio.sleep(0.02)
-    assert kinds == ["grant", "reserve", "void"]
     assert await store.balance(KEY_ID) == 100
 
 

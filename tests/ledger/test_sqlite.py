@@ -5,6 +5,7 @@ the writer thread, and callers that stop waiting."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import sqlite3
@@ -13,12 +14,13 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from r1nest.errors import ReservationClosed, StoreError
+from r1nest.errors import InvalidLedgerArgument, ReservationClosed, StoreError, StoreUnavailable
 from r1nest.ledger import open_and_sweep, open_store
 from r1nest.ledger.sqlite import SYNC_FULL, SYNC_NORMAL, SqliteStore, sync_level
 from r1nest.settings import Settings
@@ -54,6 +56,19 @@ def run_child(path: Path, body: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+async def until(condition: Callable[[], Any], timeout_s: float = 30.0) -> None:
+    """Wait for `condition()` (a bool or an awaitable of one), polling; bounded and generous."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return
+        assert time.monotonic() < deadline, f"condition not reached in {timeout_s} s"
+        await asyncio.sleep(0.01)
 
 
 def read_line(child: subprocess.Popen[str], timeout_s: float = 30.0) -> str:
@@ -145,10 +160,7 @@ async def test_a_reservation_voided_for_a_departed_caller_commits_without_fsync(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(200):
-        if len(commits) == 2:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: len(commits) >= 2)
     assert commits == [(("reserve",), SYNC_NORMAL), (("void",), SYNC_NORMAL)]
     await assert_consistent(store, 100)
     await store.close()
@@ -204,15 +216,20 @@ async def test_operations_run_off_the_event_loop_thread(tmp_path: Path) -> None:
 async def test_the_loop_keeps_running_while_the_writer_waits(tmp_path: Path) -> None:
     store = await new_store(tmp_path / "l.sqlite3")
     ticks = 0
+    beaten = threading.Event()
 
     async def heartbeat() -> None:
         nonlocal ticks
         while True:
             ticks += 1
+            if ticks == 10:
+                beaten.set()
             await asyncio.sleep(0.01)
 
     beating = asyncio.create_task(heartbeat())
-    await store._submit(lambda c: time.sleep(0.5))  # a slow disk
+    # A slow disk: the write waits until the loop has ticked 10 times, which it can only do if
+    # the writer does not hold it (bounded: a blocked loop makes this False after 30 s).
+    assert await store._submit(lambda c: beaten.wait(30))
     beating.cancel()
     assert ticks >= 10
     await store.close()
@@ -296,6 +313,7 @@ async def test_kill_in_the_middle_of_busy_traffic_leaves_a_consistent_ledger(tmp
     await store.close()
 
     child = run_child(path, f"""
+        await store.reserve({KEY_ID!r}, 100, ttl_s=60, now={T0})  # a long stream, open at the kill
         settled = [0]
         async def request(i):
             r = await store.reserve({KEY_ID!r}, 100, ttl_s=60, now={T0})
@@ -316,7 +334,7 @@ async def test_kill_in_the_middle_of_busy_traffic_leaves_a_consistent_ledger(tmp
 
     with sqlite3.connect(path) as db:
         pending = db.execute("SELECT COUNT(*) FROM reservations WHERE state = 'pending'").fetchone()[0]
-    assert pending > 0  # killed with requests in flight
+    assert pending > 0  # killed with requests in flight (at least the long stream)
 
     store = await open_and_sweep(Settings(data_dir=tmp_path, store="sqlite"), now=T0 + 61)
     assert store.path == path  # open_store follows the settings
@@ -355,7 +373,7 @@ async def test_two_processes_write_one_file(tmp_path: Path) -> None:
     for i in range(200):
         await store.topup(KEY_ID, 1, idempotency_key=f"t{i}", now=T0)
     assert read_line(child) == "done"
-    assert child.wait(10) == 0
+    assert child.wait(30) == 0
     await assert_consistent(store, 100_000 + 200 - 200 * 3)
     await store.close()
 
@@ -367,10 +385,11 @@ async def test_a_cancelled_reserve_gives_its_credits_back(tmp_path: Path) -> Non
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(200):
-        if await store.balance(KEY_ID) == 100 and len(await store.postings(KEY_ID)) == 3:
-            break
-        await asyncio.sleep(0.01)
+
+    async def voided() -> bool:
+        return await store.balance(KEY_ID) == 100 and len(await store.postings(KEY_ID)) == 3
+
+    await until(voided)
     assert [p.kind for p in await store.postings(KEY_ID)] == ["grant", "reserve", "void"]
     await assert_consistent(store, 100)
     await store.close()
@@ -393,15 +412,111 @@ async def test_a_failing_operation_does_not_undo_its_batch_neighbours(tmp_path: 
 async def test_closed_store_refuses_work(tmp_path: Path) -> None:
     store = await new_store(tmp_path / "l.sqlite3")
     await store.close()
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreUnavailable, match="closed"):
         await store.balance(KEY_ID)
 
 
 def test_unopenable_path_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(StoreError, match="cannot open the ledger"):
+    with pytest.raises(StoreUnavailable, match="cannot open the ledger"):
         SqliteStore(blocker / "sub" / "l.sqlite3")
+
+
+# outages: the file cannot answer -> StoreUnavailable (HTTP 503), never "bad request" ----------
+
+LOCK_HOLDER = textwrap.dedent(
+    """
+    import sqlite3, sys
+    db = sqlite3.connect(sys.argv[1], isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")
+    print("locked", flush=True)
+    sys.stdin.readline()
+    db.execute("ROLLBACK")
+    """
+)
+
+
+@contextmanager
+def locked_by_another_process(path: Path) -> Iterator[None]:
+    """Another process holds `BEGIN EXCLUSIVE` on the ledger until the block ends."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert read_line(child) == "locked"
+        yield
+    finally:
+        child.stdin.close()  # it rolls back and exits
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+@pytest.fixture
+def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> int:
+    from r1nest.ledger import sqlite
+
+    monkeypatch.setattr(sqlite, "BUSY_TIMEOUT_MS", 200)
+    return 200
+
+
+async def test_a_write_locked_out_past_the_busy_timeout_is_store_unavailable(tmp_path: Path, short_busy_timeout) -> None:
+    path = tmp_path / "l.sqlite3"
+    store = await new_store(path, credits=100)
+    reservation = await store.reserve(KEY_ID, 10, ttl_s=60, now=T0)
+    with locked_by_another_process(path):
+        started = time.monotonic()
+        for call in (
+            store.topup(KEY_ID, 5, idempotency_key="t", now=T0),
+            store.reserve(KEY_ID, 5, ttl_s=60, now=T0),
+            store.settle(reservation.reservation_id, 3, now=T0),
+            store.void(reservation.reservation_id, now=T0),
+            store.create_key(key_id="ba0ba0ba0ba0", key_hash="f" * 64, name="", credits=1, expires_at=None, now=T0),
+            store.revoke_key(KEY_ID),
+            store.sweep_expired(now=T0 + 3600),
+        ):
+            with pytest.raises(StoreUnavailable, match="database is locked"):
+                await call
+        assert time.monotonic() - started >= 7 * short_busy_timeout / 1000  # each waited its timeout
+        assert await store.balance(KEY_ID) == 90  # WAL: readers are not locked out
+    # the lock gone, the same calls go through: the refused ones changed nothing
+    assert await store.topup(KEY_ID, 5, idempotency_key="t", now=T0) == 95
+    assert await store.settle(reservation.reservation_id, 3, now=T0) == 102
+    await assert_consistent(store, 102)
+    await store.close()
+
+
+async def test_a_store_opened_while_another_process_holds_the_lock_still_reads(tmp_path: Path, short_busy_timeout) -> None:
+    path = tmp_path / "l.sqlite3"
+    await (await new_store(path, credits=7)).close()
+    with locked_by_another_process(path):
+        store = SqliteStore(path)  # `r1nest keys list` next to a long write
+        assert [k.remaining_credits for k in await store.list_keys()] == [7]
+        with pytest.raises(StoreUnavailable):
+            await store.topup(KEY_ID, 1, idempotency_key="x", now=T0)
+    await store.close()
+
+
+def test_a_file_that_is_not_a_database_is_store_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    path.write_bytes(b"not a database, " * 512)
+    with pytest.raises(StoreUnavailable, match="cannot open the ledger"):
+        SqliteStore(path)
+
+
+async def test_a_statement_sqlite_refuses_is_a_bug_not_an_outage(tmp_path: Path) -> None:
+    """Only "cannot answer now" errors are StoreUnavailable; a constraint or SQL error from this
+    module is a bare StoreError (the gateway answers 500 and logs it)."""
+    store = await new_store(tmp_path / "l.sqlite3")
+    for statement in ("INSERT INTO keys (key_id) VALUES (NULL)", "SELEKT 1"):
+        with pytest.raises(StoreError) as caught:
+            await store._submit(lambda c, statement=statement: c.execute(statement))
+        assert not isinstance(caught.value, (StoreUnavailable, InvalidLedgerArgument)), caught.value
+    await assert_consistent(store, 1000)
+    await store.close()
 
 
 def test_open_store_picks_sqlite_in_the_data_dir(tmp_path: Path) -> None:

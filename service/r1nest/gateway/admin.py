@@ -5,28 +5,65 @@
     POST /admin/keys/{id}/revoke -> {"id","revoked":true}
     POST /admin/keys/{id}/topup {"credits":N} + Idempotency-Key -> {"id","remaining_credits"}
     GET  /admin/keys/{id}/usage -> {"id","remaining_credits","postings":[...]}
+
+Errors (OpenAI-style bodies, never a traceback): input the API or the store refuses (a body
+that is not JSON, NaN/Infinity or a number beyond a double anywhere in it, credits out of range,
+an expiry that is not finite future unix seconds) -> 400; unknown key id -> 404; the store
+cannot answer now (StoreUnavailable) -> 503 with Retry-After; any other store error (a bug)
+-> 500, logged. Every answer is JSON encoded with allow_nan=False (`Exchange.json`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 from typing import Any, Callable
 
 from r1nest import accounts
-from r1nest.errors import BadRequest, NotFound, StoreError, UnknownKey
+from r1nest.errors import (
+    BadRequest,
+    InternalError,
+    InvalidLedgerArgument,
+    NotFound,
+    StoreError,
+    StoreUnavailable,
+    UnknownKey,
+    store_unavailable,
+)
 from r1nest.gateway.exchange import Exchange
 from r1nest.gateway.routing import Kind, Match
+from r1nest.ledger import rules
 from r1nest.ledger.base import Store
+
+log = logging.getLogger("r1nest.gateway.admin")
 
 MAX_ADMIN_BODY_BYTES = 16 * 1024
 MAX_POSTINGS = 1000
 
 
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFinite(name)  # NaN, Infinity, -Infinity: not JSON (RFC 8259), never a number here
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses to inf
+        raise _NonFinite(text)
+    return value
+
+
 async def _json_body(exchange: Exchange) -> dict[str, Any]:
     raw = await exchange.read_body(MAX_ADMIN_BODY_BYTES)
     try:
-        body = json.loads(raw) if raw else {}
-    except ValueError:
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float) if raw else {}
+    except _NonFinite as exc:
+        raise BadRequest(f"numbers in the request body must be finite, got {exc}") from None
+    except (ValueError, RecursionError):  # includes invalid UTF-8
         raise BadRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
@@ -37,6 +74,17 @@ def _credits(value: Any, *, name: str = "credits", minimum: int = 0) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise BadRequest(f"`{name}` must be an integer >= {minimum}", param=name)
     return value
+
+
+def _expires_at(value: Any) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise BadRequest("`expires_at` must be unix seconds", param="expires_at")
+    try:
+        return rules.check_expires_at(value)  # finite, in range
+    except InvalidLedgerArgument as exc:
+        raise BadRequest(str(exc), param="expires_at") from None
 
 
 async def handle(exchange: Exchange, match: Match, store: Store, clock: Callable[[], float]) -> None:
@@ -50,9 +98,7 @@ async def handle(exchange: Exchange, match: Match, store: Store, clock: Callable
             name = body.get("name", "")
             if not isinstance(name, str):
                 raise BadRequest("`name` must be a string", param="name")
-            expires_at = body.get("expires_at")
-            if expires_at is not None and (not isinstance(expires_at, (int, float)) or isinstance(expires_at, bool)):
-                raise BadRequest("`expires_at` must be unix seconds", param="expires_at")
+            expires_at = _expires_at(body.get("expires_at"))
             record, plaintext = await accounts.create_api_key(
                 store, name=name, credits=_credits(body.get("credits")), expires_at=expires_at, now=clock()
             )
@@ -92,5 +138,11 @@ async def handle(exchange: Exchange, match: Match, store: Store, clock: Callable
             raise NotFound("no such admin route")
     except UnknownKey:
         raise NotFound(f"no key with id {match.key_id}", code="key_not_found") from None
-    except StoreError as exc:
+    except InvalidLedgerArgument as exc:
         raise BadRequest(str(exc)) from None
+    except StoreUnavailable as exc:
+        log.warning("admin %s %s: the ledger is unavailable: %s", method, match.kind.value, exc)
+        raise store_unavailable(f"The credit ledger is unavailable; retry shortly ({exc}).") from None
+    except StoreError as exc:  # a bare StoreError is a bug in a store: say so, keep no traceback out
+        log.error("admin %s %s: ledger error: %s", method, match.kind.value, exc)
+        raise InternalError("The credit ledger failed; see the gateway log.") from None

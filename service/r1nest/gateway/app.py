@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -25,9 +26,11 @@ from r1nest.errors import (
     NotFound,
     RateLimited,
     StoreError,
+    StoreUnavailable,
     Unauthorized,
     Unavailable,
     UnknownKey,
+    store_unavailable,
 )
 from r1nest.gateway import metering, proxy, routing, sse
 from r1nest.gateway.auth import INVALID_KEY_MESSAGE, AdminKey, authenticate
@@ -36,6 +39,7 @@ from r1nest.gateway.interrupts import Interruptible
 from r1nest.gateway.metrics import Metrics
 from r1nest.gateway.pricing import Price
 from r1nest.gateway.ratelimit import RateLimiter, retry_after_header
+from r1nest.gateway.settlements import JOURNAL_FILE, Settlements
 from r1nest.gateway.routing import Kind, Match, NoMatch
 from r1nest.gateway.shaping import Policy, Shaped, fit_context, parse_body, shape
 from r1nest.gateway.state import EngineState
@@ -76,6 +80,7 @@ class Gateway:
             default_top_p=settings.default_top_p,
         )
         self.metrics = Metrics()
+        self.settlements = Settlements(store, Path(settings.data_dir).expanduser() / JOURNAL_FILE, clock=clock)
         self.rate_limiter = RateLimiter(settings.rate_limit_rpm, clock=time.monotonic) if settings.rate_limit_rpm else None
         self.interruptibles: set[Interruptible] = set()
         self.open_requests = 0
@@ -90,11 +95,19 @@ class Gateway:
 
     async def startup(self) -> None:
         await self.upstream.start()
-        self.swept_at_startup = await self.store.sweep_expired(now=self.clock())
+        # journaled settles first: the sweep must never void a reservation whose answer went out
+        if await self.settlements.retry_pending():
+            log.warning("settlements journaled by an earlier run are still pending: the sweep waits for them")
+        else:
+            try:
+                self.swept_at_startup = await self.store.sweep_expired(now=self.clock())
+            except StoreUnavailable as exc:  # the periodic sweep tries again; requests get 503 meanwhile
+                log.warning("startup sweep skipped, the ledger is unavailable: %s", exc)
         if self.swept_at_startup:
             log.warning("voided %d expired reservation(s) left by an earlier run", self.swept_at_startup)
         loop = asyncio.get_running_loop()
         self._background.append(loop.create_task(self._sweep_forever()))
+        self._background.append(loop.create_task(self.settlements.retry_forever()))
         if self._probe_upstream:
             self._background.append(loop.create_task(watch_health(self.upstream, self.state)))
 
@@ -110,6 +123,8 @@ class Gateway:
         while True:
             await asyncio.sleep(interval_s)
             try:
+                if await self.settlements.retry_pending():
+                    continue  # the ledger still refuses them: sweep next time, after they commit
                 swept = await self.store.sweep_expired(now=self.clock())
             except StoreError as exc:
                 log.error("sweep of expired reservations failed: %s", exc)
@@ -148,6 +163,9 @@ class Gateway:
             await self._dispatch(exchange, route)
         except ApiError as exc:
             await self._answer_error(exchange, exc)
+        except StoreUnavailable as exc:  # any path that reached the ledger during an outage
+            log.warning("the ledger is unavailable route=%s key_id=%s: %s", route_name, exchange.key_id or "-", exc)
+            await self._answer_error(exchange, store_unavailable())
         except ClientGone:
             exchange.status = 499
         except Exception:  # noqa: BLE001 - the one place that turns a bug into a generic 500
@@ -206,7 +224,10 @@ class Gateway:
             await admin.handle(exchange, route, self.store, self.clock)
 
     async def _authenticated(self, exchange: Exchange):  # -> KeyRecord
-        record = await authenticate(self.store, exchange.headers, now=self.clock())
+        try:
+            record = await authenticate(self.store, exchange.headers, now=self.clock())
+        except StoreUnavailable:
+            raise store_unavailable() from None
         exchange.key_id = record.key_id
         exchange.remaining_credits = record.remaining_credits
         return record
@@ -254,13 +275,15 @@ class Gateway:
             ticket = await metering.reserve(
                 self.store, record.key_id, record.remaining_credits, shaped, price=self.price,
                 cap=self.policy.max_tokens_cap, ttl_s=self.settings.reservation_ttl_s,
-                clock=self.clock, metrics=self.metrics,
+                clock=self.clock, metrics=self.metrics, settlements=self.settlements,
             )
         except InsufficientCredits as exc:
             exchange.remaining_credits = exc.remaining_credits
             raise metering.payment_required(exc) from None
         except UnknownKey:  # revoked or expired since it was authenticated: the same 401
             raise Unauthorized(INVALID_KEY_MESSAGE) from None
+        except StoreUnavailable:
+            raise store_unavailable() from None
         exchange.remaining_credits = ticket.reservation.remaining_credits
         path = ENGINE_PATHS[kind]
         timeout_s = self.settings.stream_timeout_s
@@ -293,10 +316,24 @@ class Gateway:
         fit_context(shaped, context_tokens, exact)
 
     async def _overview(self, exchange: Exchange) -> None:
+        """The overview sub-app. Its pages are HTML; any other error it answers in plain text (a
+        static file that does not exist) becomes the gateway's JSON error."""
+        replaced = False
+
         async def send(message: dict[str, Any]) -> None:
+            nonlocal replaced
             if message["type"] == "http.response.start":
-                exchange.status, exchange.started = message["status"], True
-            await exchange.send(message)
+                status = message["status"]
+                content_type = dict(message.get("headers") or []).get(b"content-type", b"")
+                if status >= 400 and not content_type.startswith((b"text/html", b"application/json")):
+                    replaced = True
+                    error = NotFound("Not found.") if status == 404 else ApiError("The overview refused the request.")
+                    error.status_code = status
+                    await exchange.error(error)
+                    return
+                exchange.status, exchange.started = status, True
+            if not replaced:
+                await exchange.send(message)
 
         await self.overview(exchange.scope, exchange.receive, send)
 

@@ -13,6 +13,7 @@ from r1nest.errors import InsufficientCredits, PaymentRequired, ReservationClose
 from r1nest.gateway import pricing
 from r1nest.gateway.metrics import Metrics
 from r1nest.gateway.pricing import Price
+from r1nest.gateway.settlements import Settlements
 from r1nest.gateway.shaping import Shaped, set_max_tokens
 from r1nest.ledger.base import Reservation, Store
 
@@ -35,8 +36,10 @@ class Ticket:
     def __init__(
         self, store: Store, reservation: Reservation, *, price: Price, prompt_tokens_bound: int,
         completion_tokens_bound: int, clock: Callable[[], float], metrics: Metrics,
+        settlements: Settlements | None = None,
     ) -> None:
         self.store = store
+        self.settlements = settlements or Settlements(store, None, clock=clock)
         self.reservation = reservation
         self.price = price
         self.prompt_tokens_bound = prompt_tokens_bound
@@ -82,16 +85,19 @@ class Ticket:
         reservation_id = self.reservation.reservation_id
         try:
             if charge.credits:
-                operation = self.store.settle(reservation_id, charge.credits, now=now)
+                # retried while the ledger is unavailable, then journaled: a delivered answer is paid
+                settled = await asyncio.shield(
+                    self.settlements.settle(reservation_id, self.reservation.key_id, charge.credits)
+                )
+                balance = self.reservation.remaining_credits if settled is None else settled
             else:
-                operation = self.store.void(reservation_id, now=now)
-            # shielded: a client that goes away mid-write must not leave the ledger half-told
-            balance = await asyncio.shield(operation)
+                # shielded: a client that goes away mid-write must not leave the ledger half-told
+                balance = await asyncio.shield(self.store.void(reservation_id, now=now))
         except ReservationClosed:
             log.error("reservation already closed (swept?) key_id=%s", self.reservation.key_id)
             return await self._balance_or_estimate()
-        except StoreError as exc:
-            log.error("settlement failed; the sweeper will void it key_id=%s error=%s", self.reservation.key_id, exc)
+        except StoreError as exc:  # a void that failed: the reservation expires and is swept
+            log.error("void failed; the sweeper will void it key_id=%s error=%s", self.reservation.key_id, exc)
             return self.reservation.remaining_credits
         self.metrics.observe_charge(charge.prompt_tokens, charge.completion_tokens, charge.credits)
         return balance
@@ -105,7 +111,7 @@ class Ticket:
 
 async def reserve(
     store: Store, key_id: str, balance: int, shaped: Shaped, *, price: Price, cap: int,
-    ttl_s: float, clock: Callable[[], float], metrics: Metrics,
+    ttl_s: float, clock: Callable[[], float], metrics: Metrics, settlements: Settlements | None = None,
 ) -> Ticket:
     """Set max_tokens to what was asked (or the context left, at most `cap`), lowered to what the
     balance affords, and reserve its worst case.
@@ -130,6 +136,7 @@ async def reserve(
         return Ticket(
             store, reservation, price=price, prompt_tokens_bound=shaped.prompt_tokens_bound,
             completion_tokens_bound=max_tokens * shaped.choices, clock=clock, metrics=metrics,
+            settlements=settlements,
         )
     raise InsufficientCredits(balance, pricing.cost(price, shaped.prompt_tokens_bound, shaped.choices))
 

@@ -73,5 +73,13 @@ def match(method: str, raw_path: bytes) -> Match | NoMatch:
             return NoMatch(405, methods)
         return Match(Kind.ADMIN_KEY_ACTION, methods, action.group(1).decode(), action.group(2).decode())
     if _OVERVIEW.match(raw_path):
-        return Match(Kind.OVERVIEW, frozenset({"GET", "POST"}))
+        methods = _OVERVIEW_METHODS.get(raw_path, _GET)
+        if method not in methods:
+            return NoMatch(405, methods)
+        return Match(Kind.OVERVIEW, methods)
     return NoMatch(404)
+
+
+_GET = frozenset({"GET"})
+# what each overview page takes (the static files and the page itself: GET)
+_OVERVIEW_METHODS = {b"/overview/login": frozenset({"GET", "POST"}), b"/overview/logout": frozenset({"POST"})}

@@ -23,6 +23,11 @@ Table (`table_spec()`; docs/ledger.md draws it):
 deadline, for one nobody swept). TTL deletes late and never refunds anything, so the sweeper,
 not TTL, is what returns a crashed gateway's credits.
 
+Errors: what DynamoDB or botocore raise becomes StoreUnavailable when the table cannot answer
+now (no connection, timeouts, throttling, a 5xx, a missing table, refused credentials:
+`_translate`), a bare StoreError otherwise (a request this module built wrong: a bug). Refused
+arguments raise InvalidLedgerArgument before any request is made.
+
 boto3 is imported when a store is built: the gateway starts without it when it uses SQLite.
 """
 
@@ -41,8 +46,10 @@ from typing import Any, TypeVar
 from r1nest.errors import (
     ConfigError,
     InsufficientCredits,
+    InvalidLedgerArgument,
     ReservationClosed,
     StoreError,
+    StoreUnavailable,
     UnknownKey,
 )
 from r1nest.ledger import rules
@@ -57,6 +64,20 @@ MAX_CONFLICT_RETRIES = 12  # TransactionConflict: another transaction held the s
 MAX_WORKERS = 32  # threads running blocking boto3 calls
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 10.0
+MAX_ATTEMPTS = 8  # botocore's attempts per call (retries of throttling, 5xx, lost connections)
+
+# Error codes (ClientError) that mean "the table cannot answer now": throttling, DynamoDB's own
+# faults, a table that is not there (yet), credentials it refuses. Anything else is a request
+# this module built wrong.
+UNAVAILABLE_CODES = frozenset({
+    "ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded",
+    "LimitExceededException", "InternalServerError", "ServiceUnavailable",
+    "ServiceUnavailableException", "TransactionInProgressException", "ResourceNotFoundException",
+    "UnrecognizedClientException", "AccessDeniedException", "ExpiredTokenException",
+    "ExpiredToken", "InvalidSignatureException", "MissingAuthenticationTokenException",
+})
+# TransactionCanceledException reasons that are contention or throttling, not a condition.
+UNAVAILABLE_CANCELLATIONS = frozenset({"ThrottlingError", "ProvisionedThroughputExceeded", "TransactionConflict"})
 
 T = TypeVar("T")
 
@@ -121,7 +142,7 @@ def make_client(region: str | None = None, endpoint_url: str | None = None) -> A
         core.register_component("data_loader", _shared_loader[0])
 
     config = Config(
-        retries={"max_attempts": 8, "mode": "standard"},
+        retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
         max_pool_connections=MAX_WORKERS,
         connect_timeout=CONNECT_TIMEOUT_S,
         read_timeout=READ_TIMEOUT_S,
@@ -150,7 +171,7 @@ class DynamoStore:
         try:
             import botocore.exceptions
         except ImportError:
-            raise StoreError("the DynamoDB ledger needs boto3: pip install 'r1nest[aws]'") from None
+            raise ConfigError("the DynamoDB ledger needs boto3: pip install 'r1nest[aws]'") from None
         self.table = table
         try:
             self._client = make_client(region, endpoint_url)
@@ -161,6 +182,7 @@ class DynamoStore:
             botocore.exceptions.BotoCoreError,
             botocore.exceptions.ClientError,
         )
+        self._bug_errors: tuple[type[Exception], ...] = (botocore.exceptions.ParamValidationError,)
         self._pool = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="r1nest-dynamodb")
 
     def create_table(self) -> None:
@@ -168,7 +190,7 @@ class DynamoStore:
         try:
             create_table(self.table, client=self._client)
         except self._boto_errors as exc:
-            raise StoreError(f"cannot create the DynamoDB table {self.table}: {_describe(exc)}") from None
+            raise self._translate(exc, f"cannot create the DynamoDB table {self.table}") from None
 
     # Store interface ----------------------------------------------------------------------
 
@@ -177,6 +199,7 @@ class DynamoStore:
     ) -> KeyRecord:
         rules.check_credits(credits, what="initial credits")
         rules.check_name(name)
+        expires_at = rules.check_expires_at(expires_at)
         return await self._call(lambda: self._create_key(key_id, key_hash, name, credits, expires_at, now))
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
@@ -243,9 +266,23 @@ class DynamoStore:
             try:
                 return operation()
             except self._boto_errors as exc:
-                raise StoreError(f"DynamoDB ledger error: {_describe(exc)}") from None
+                raise self._translate(exc, "DynamoDB ledger error") from None
 
         return run
+
+    def _translate(self, exc: Exception, what: str) -> StoreError:
+        """StoreUnavailable for a table that cannot answer now; a bare StoreError for a bug."""
+        if isinstance(exc, self._client_error):
+            code = _code(exc)
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            reasons = {r.get("Code") for r in exc.response.get("CancellationReasons", [])}
+            if code in UNAVAILABLE_CODES or status >= 500 or reasons & UNAVAILABLE_CANCELLATIONS:
+                return StoreUnavailable(f"{what}: {_describe(exc)}")
+            return StoreError(f"{what}: {_describe(exc)}")
+        if isinstance(exc, self._bug_errors):
+            return StoreError(f"{what}: {_describe(exc)}")
+        # BotoCoreError: no connection, timeouts, closed connections, no credentials...
+        return StoreUnavailable(f"{what}: {type(exc).__name__}: {_describe(exc)}")
 
     def _create_key(
         self, key_id: str, key_hash: str, name: str, credits: int, expires_at: float | None, now: float
@@ -262,7 +299,7 @@ class DynamoStore:
             self._posting_put(key_id, "grant", credits, now),
         ])
         if reasons is not None:
-            raise StoreError(f"key id {key_id} already exists")
+            raise InvalidLedgerArgument(f"key id {key_id} already exists")
         return KeyRecord(key_id, name, key_hash, now, expires_at, False, credits)
 
     def _get_key(self, key_id: str) -> KeyRecord | None:
@@ -298,7 +335,7 @@ class DynamoStore:
                     break
                 time.sleep(min(0.5, 0.01 * 2**attempt))
             else:
-                raise StoreError("DynamoDB kept deferring the key listing; try again")
+                raise StoreUnavailable("DynamoDB kept deferring the key listing; try again")
         return sorted(records, key=lambda k: (k.created_at, k.key_id))
 
     def _revoke_key(self, key_id: str) -> KeyRecord:
@@ -336,7 +373,8 @@ class DynamoStore:
         if reasons is not None and reasons[0] != "ConditionalCheckFailed":
             # the key does not exist (raised above) or the balance would leave its bounds
             rules.check_balance_after(record.remaining_credits, credits)
-            raise StoreError(f"top-up refused: {reasons}")
+            # the balance was too high when the transaction ran and has come down since
+            raise InvalidLedgerArgument(f"top-up refused: the balance would exceed {rules.MAX_CREDITS} credits")
         return record.remaining_credits
 
     def _reserve(self, key_id: str, credits: int, ttl_s: float, now: float) -> Reservation:
@@ -381,7 +419,7 @@ class DynamoStore:
             ConsistentRead=True,
         ).get("Item")
         if item is None:
-            raise StoreError(f"no reservation with id {reservation_id}")
+            raise InvalidLedgerArgument(f"no reservation with id {reservation_id}")
         state = item["state"]["S"]
         if state != "pending":
             raise ReservationClosed(f"reservation {reservation_id} is already {state}")
@@ -495,7 +533,7 @@ class DynamoStore:
                     raise
             time.sleep(min(0.5, 0.005 * 2**attempt) * random.random())
             token = str(uuid.uuid4())  # cancelled, nothing applied: a new attempt
-        raise StoreError("the DynamoDB ledger is too contended; try again")
+        raise StoreUnavailable("the DynamoDB ledger is too contended; try again")
 
 
 def _s(value: str) -> dict[str, str]:

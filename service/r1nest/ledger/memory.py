@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
-from r1nest.errors import InsufficientCredits, ReservationClosed, StoreError, UnknownKey
+from r1nest.errors import InsufficientCredits, InvalidLedgerArgument, ReservationClosed, UnknownKey
 from r1nest.ledger import rules
 from r1nest.ledger.base import KeyRecord, Posting, PostingKind, Reservation
 
@@ -37,8 +37,9 @@ class MemoryStore:
     ) -> KeyRecord:
         rules.check_credits(credits, what="initial credits")
         rules.check_name(name)
+        expires_at = rules.check_expires_at(expires_at)
         if key_id in self._keys:
-            raise StoreError(f"key id {key_id} already exists")
+            raise InvalidLedgerArgument(f"key id {key_id} already exists")
         record = KeyRecord(
             key_id=key_id,
             name=name,
@@ -133,7 +134,7 @@ class MemoryStore:
     def _open(self, reservation_id: str) -> _PendingReservation:
         pending = self._reservations.get(reservation_id)
         if pending is None:
-            raise StoreError(f"no reservation with id {reservation_id}")
+            raise InvalidLedgerArgument(f"no reservation with id {reservation_id}")
         if pending.closed:
             raise ReservationClosed(f"reservation {reservation_id} is already closed")
         return pending

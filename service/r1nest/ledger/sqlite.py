@@ -26,6 +26,9 @@ voided by `sweep_expired` once its deadline passes (callers sweep at startup).
 
 Other processes (the `r1nest keys` command next to a running gateway) may open the same file:
 WAL lets them read, and their writes wait on SQLite's lock (busy timeout) instead of failing.
+A write that still finds the lock held when the busy timeout ends, a full disk, an I/O error or
+a file that cannot be opened raise StoreUnavailable (`_translate`); refused arguments raise
+InvalidLedgerArgument.
 """
 
 from __future__ import annotations
@@ -45,9 +48,11 @@ from typing import Any
 
 from r1nest.errors import (
     InsufficientCredits,
+    InvalidLedgerArgument,
     R1nestError,
     ReservationClosed,
     StoreError,
+    StoreUnavailable,
     UnknownKey,
 )
 from r1nest.ledger import rules
@@ -63,6 +68,12 @@ SYNC_FULL = 2
 # Operations a power cut may take back without losing or creating credits (docs/ledger.md);
 # every other write, named or not, commits with synchronous=FULL.
 RELAXED_OPERATIONS = frozenset({"reserve", "void", "sweep"})
+
+# SQLite's primary result codes that mean "the database cannot answer now", not "this statement
+# is wrong": BUSY (locked past the busy timeout), LOCKED, NOMEM, READONLY, INTERRUPT, IOERR,
+# CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB. Anything else (CONSTRAINT, MISUSE, a SQL error...)
+# is a bug in this module.
+UNAVAILABLE_RESULT_CODES = frozenset({5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 26})
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -134,7 +145,7 @@ class SqliteStore:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
         self._ready = threading.Event()
-        self._startup_error: str | None = None
+        self._startup_error: sqlite3.Error | OSError | None = None
         self._synchronous = SYNC_FULL  # the connection's level; _connect sets FULL
         # For tests: called inside each write transaction just before COMMIT with the
         # connection and the names of the write operations in it.
@@ -142,9 +153,12 @@ class SqliteStore:
         self._thread = threading.Thread(target=self._writer, name="r1nest-ledger", daemon=True)
         self._thread.start()
         if not self._ready.wait(STARTUP_TIMEOUT_S):
-            raise StoreError(f"the ledger at {self.path} did not open within {STARTUP_TIMEOUT_S:.0f} s")
+            raise StoreUnavailable(f"the ledger at {self.path} did not open within {STARTUP_TIMEOUT_S:.0f} s")
         if self._startup_error is not None:
-            raise StoreError(f"cannot open the ledger at {self.path}: {self._startup_error}")
+            error = self._startup_error
+            if isinstance(error, OSError):
+                raise StoreUnavailable(f"cannot open the ledger at {self.path}: {error}")
+            raise _translate(error, f"cannot open the ledger at {self.path}")
 
     # Store interface ----------------------------------------------------------------------
 
@@ -153,6 +167,7 @@ class SqliteStore:
     ) -> KeyRecord:
         rules.check_credits(credits, what="initial credits")
         rules.check_name(name)
+        expires_at = rules.check_expires_at(expires_at)
 
         def run(conn: sqlite3.Connection) -> KeyRecord:
             try:
@@ -161,7 +176,7 @@ class SqliteStore:
                     (key_id, name, key_hash, now, expires_at),
                 )
             except sqlite3.IntegrityError:
-                raise StoreError(f"key id {key_id} already exists") from None
+                raise InvalidLedgerArgument(f"key id {key_id} already exists") from None
             _post(conn, key_id, "grant", credits, now)
             return KeyRecord(key_id, name, key_hash, now, expires_at, False, credits)
 
@@ -311,14 +326,14 @@ class SqliteStore:
         on_orphan: Callable[[Any], None] | None = None,
     ) -> None:
         if self._closed:
-            raise StoreError("the ledger is closed")
+            raise StoreUnavailable("the ledger is closed")
         self._queue.put(_Job(run, operation, writes, loop, future, on_orphan))
 
     def _writer(self) -> None:
         try:
             conn = _connect(self.path)
         except (sqlite3.Error, OSError) as exc:
-            self._startup_error = str(exc)
+            self._startup_error = exc
             self._ready.set()
             return
         self._ready.set()
@@ -344,7 +359,10 @@ class SqliteStore:
                     if conn.in_transaction:
                         with contextlib.suppress(sqlite3.Error):
                             conn.execute("ROLLBACK")
-                    error = StoreError(f"ledger error: {type(exc).__name__}: {exc}")
+                    error = (
+                        _translate(exc, "ledger error") if isinstance(exc, sqlite3.Error)
+                        else StoreError(f"ledger error: {type(exc).__name__}: {exc}")
+                    )
                     outcomes = [(job, None, error) for job in batch]
                 self._answer(outcomes)
         finally:
@@ -366,7 +384,7 @@ class SqliteStore:
                 self._synchronous = level
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            error = StoreError(f"the ledger is unavailable: {exc}")
+            error = _translate(exc, "the ledger is unavailable")
             return [(job, None, error) for job in batch]
         try:
             for job in batch:
@@ -384,8 +402,9 @@ class SqliteStore:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            error = StoreError(f"the ledger could not commit: {exc}")
+                with contextlib.suppress(sqlite3.Error):  # answer with the first error, not this one
+                    conn.execute("ROLLBACK")
+            error = _translate(exc, "the ledger could not commit")
             return [(job, None, error) for job in batch]
         return outcomes
 
@@ -438,9 +457,21 @@ def _run_one(conn: sqlite3.Connection, job: _Job) -> tuple[_Job, Any, BaseExcept
     except R1nestError as exc:
         return job, None, exc
     except sqlite3.Error as exc:
-        return job, None, StoreError(f"ledger error: {exc}")
+        return job, None, _translate(exc, "ledger error")
     except Exception as exc:  # noqa: BLE001 - a bug fails its caller, never the writer thread
         return job, None, StoreError(f"ledger error: {type(exc).__name__}: {exc}")
+
+
+def _translate(exc: sqlite3.Error, what: str) -> StoreError:
+    """The store error for a driver error: StoreUnavailable when the database cannot answer now
+    (locked past the busy timeout, disk full, I/O error...), a bare StoreError (a bug) otherwise."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF in UNAVAILABLE_RESULT_CODES:
+        return StoreUnavailable(f"{what}: {exc}")
+    if code is None and isinstance(exc, sqlite3.OperationalError):  # no code: judge by the words
+        if any(word in str(exc).lower() for word in ("locked", "busy", "disk", "unable to open")):
+            return StoreUnavailable(f"{what}: {exc}")
+    return StoreError(f"{what}: {type(exc).__name__}: {exc}")
 
 
 # operations on the connection (run only on the writer thread) --------------------------------
@@ -511,7 +542,7 @@ def _close(conn: sqlite3.Connection, reservation_id: str, credits_charged: int |
             "SELECT credits_reserved, state FROM reservations WHERE reservation_id = ?", (reservation_id,)
         ).fetchone()
         if found is None:
-            raise StoreError(f"no reservation with id {reservation_id}")
+            raise InvalidLedgerArgument(f"no reservation with id {reservation_id}")
         if found[1] != "pending":
             raise ReservationClosed(f"reservation {reservation_id} is already {found[1]}")
         rules.check_charge(credits_charged, found[0])  # type: ignore[arg-type]  # raises
