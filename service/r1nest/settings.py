@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     public_url: str | None = Field(default=None, description="public base URL shown on the overview page")
     internal_url: str | None = Field(default=None, description="internal base URL shown on the overview page")
+    trusted_proxies: str = Field(default="", description="IPs/CIDRs whose X-Forwarded-For/-Proto are believed")
 
     # upstream engine
     upstream_url: str | None = None
@@ -69,6 +70,8 @@ class Settings(BaseSettings):
     reservation_ttl_s: float = Field(default=3600.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     rate_limit_rpm: int = Field(default=0, ge=0, description="completion requests per minute per key; 0: no limit")
+    max_header_bytes: int = Field(default=64 * 1024, ge=4096, description="request line + headers; over it: 431")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="to send a whole request head; else closed")
 
     # stores
     store: Literal["sqlite", "dynamodb"] = "sqlite"

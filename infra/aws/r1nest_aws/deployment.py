@@ -375,6 +375,7 @@ class Deployment(pulumi.ComponentResource):
                     public_url, eni.private_ip, head_ip, self.api_key_parameter.name,
                     self.admin_key_parameter.name,
                     self.ledger_table.name if self.ledger_table is not None else None,
+                    self._trusted_proxies(),
                 ).apply(lambda values, rank=rank: self._user_data(rank, *values))
                 instance = aws.ec2.Instance(node, opts=child,
                                             **self._instance_args(node, ami.id, eni, placement, user_data, replica, rank))
@@ -444,8 +445,18 @@ class Deployment(pulumi.ComponentResource):
             )
         return instance_args
 
+    def _trusted_proxies(self) -> pulumi.Input[str] | None:
+        """Behind the ALB the gateway sees the ALB's addresses: it trusts X-Forwarded-For from the
+        VPC (the security group lets only the ALB and the deployment's nodes reach the gateway)."""
+        if self.load_balancer is None:
+            return None
+        if self.args.vpc_id is None:
+            return VPC_CIDR
+        return aws.ec2.get_vpc_output(id=self.args.vpc_id, opts=pulumi.InvokeOptions(parent=self)).cidr_block
+
     def _user_data(self, rank: int, public_host: str, private_ip: str, head_ip: str,
-                   api_parameter: str, admin_parameter: str, table: str | None) -> str:
+                   api_parameter: str, admin_parameter: str, table: str | None,
+                   trusted_proxies: str | None = None) -> str:
         from r1nest.cloud.userdata import CONTAINER_SECRETS_DIR, ENGINE_KEY_SENTINEL, NodeBoot, render_user_data
         from r1nest.engines.base import engine_argv, engine_env, engine_secret_files
 
@@ -483,6 +494,13 @@ class Deployment(pulumi.ComponentResource):
             dynamodb_table=table,
             ecr_registry=_ecr_registry(args.image),
             engine_secret_files=tuple(sorted(files.items())),
+            # behind the ALB: its addresses are trusted proxies, and the ALB (not the internet)
+            # holds connections open up to its idle timeout, so the gateway's header deadline
+            # must not close them first
+            extra_gateway_env=(
+                (("R1NEST_TRUSTED_PROXIES", trusted_proxies), ("R1NEST_HEADER_TIMEOUT_S", str(ALB_IDLE_TIMEOUT_S + 60)))
+                if trusted_proxies else ()
+            ),
         )
         return render_user_data(boot)
 

@@ -31,8 +31,38 @@ def configure_logging(level: str) -> None:
     root.propagate = False
 
 
+def trusted_proxy_networks(value: str) -> list[str]:
+    """`R1NEST_TRUSTED_PROXIES` (comma-separated IP addresses and CIDR networks) as uvicorn's
+    `forwarded_allow_ips`; ConfigError for anything else (uvicorn would take a typo, or `*`, as a
+    literal or as "trust everyone" without a word)."""
+    import ipaddress
+
+    from r1nest.errors import ConfigError
+
+    networks = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        try:
+            network = ipaddress.ip_network(item, strict=False) if "/" in item else ipaddress.ip_address(item)
+        except ValueError:
+            raise ConfigError(
+                f"R1NEST_TRUSTED_PROXIES: {item!r} is not an IP address or a CIDR network (e.g. 10.42.0.0/20)"
+            ) from None
+        networks.append(str(network))
+    return networks
+
+
 def uvicorn_server(app: Any, settings: Settings, **config: Any) -> Any:
-    """A uvicorn Server for `app` whose exit signals drain the gateway first."""
+    """A uvicorn Server for `app` whose exit signals drain the gateway first.
+
+    Served through http_protocol.GatewayHttpProtocol with the settings' limits: request heads over
+    `max_header_bytes` get 431, a connection that has not sent a whole request head within
+    `header_timeout_s` of opening (or of its previous response) is closed (408 when part of a
+    head came). `X-Forwarded-For` / `X-Forwarded-Proto` are believed only from the peers in
+    `trusted_proxies` (uvicorn's default, loopback, would let any local client pick its address
+    and scheme); empty: from no one, the client is the TCP peer. `config` overrides any option.
+    """
     import uvicorn
 
     from r1nest.gateway.http_protocol import GatewayHttpProtocol
@@ -54,10 +84,15 @@ def uvicorn_server(app: Any, settings: Settings, **config: Any) -> Any:
 
             loop.call_soon_threadsafe(lambda: loop.create_task(drain_then_exit()))
 
+    protocol = GatewayHttpProtocol.configured(
+        max_header_bytes=settings.max_header_bytes, header_timeout_s=settings.header_timeout_s
+    )
+    proxies = trusted_proxy_networks(settings.trusted_proxies)
     options: dict[str, Any] = dict(
-        host=settings.host, port=settings.port, loop="uvloop", http=GatewayHttpProtocol, lifespan="on",
+        host=settings.host, port=settings.port, loop="uvloop", http=protocol, lifespan="on",
         access_log=False, log_config=None, log_level=settings.log_level, server_header=False,
         backlog=2048, timeout_keep_alive=30, limit_concurrency=None,
+        proxy_headers=bool(proxies), forwarded_allow_ips=proxies,
     )
     options.update(config)
     return DrainingServer(uvicorn.Config(app, **options))

@@ -6,14 +6,27 @@
     POST /overview/logout         needs the session's CSRF token -> 303 -> /overview/login
     GET  /overview/static/{name}  the page's CSS and JS
 
-Rules this module holds (tests/overview/test_overview_web.py checks each):
+Rules this module holds (tests/overview/test_overview_web.py and test_overview_login_limits.py
+check each):
 - the key is only ever in a POST body, never in a URL; no page is sent to a visitor without a
   session, and the redirect carries nothing of the page;
 - sessions are random server-side ids (256 bits) in an HttpOnly, SameSite=Strict cookie scoped to
-  /overview, Secure on https, with an absolute expiry; the server keeps a bounded number of them;
+  /overview, Secure on https (the scheme uvicorn reports: X-Forwarded-Proto counts only from a
+  trusted proxy), with an absolute expiry; the server keeps a bounded number of them;
 - state-changing POSTs come from this origin (Origin checked when sent) and logout carries a CSRF
   token bound to the session, compared in constant time;
-- failed logins are limited per client address and overall (429 + Retry-After);
+- failed logins are limited (429 + Retry-After), by these rules (LoginLimiter):
+  - a client is its address as the server sees it: the TCP peer, or the `X-Forwarded-For` client
+    only when the peer is a trusted proxy (`R1NEST_TRUSTED_PROXIES`; uvicorn believes no one
+    else), so a client cannot rotate that header to get a fresh budget; an IPv6 client is its /64
+    (one subscriber's usual allocation, whose addresses are free to rotate);
+  - per client: 5 failures in 5 minutes, then 429 until the oldest leaves the window;
+  - overall: once 50 failures from all clients are in the window, a client that has failures of
+    its own in the window is refused too. A client with no recent failure is never refused by
+    this cap, so an attacker who spends it cannot lock out the admin, who has not failed: the
+    admin's attempt goes ahead and the right key is accepted. What the cap still does while it
+    is spent: each further address an attacker brings gets one guess, not five;
+  - a refused attempt is not checked at all: the right key gets the same 429 (no oracle);
 - every answer carries a strict CSP, X-Frame-Options DENY, Referrer-Policy same-origin and
   Cache-Control no-store (the page holds a key).
 """
@@ -22,6 +35,7 @@ from __future__ import annotations
 
 import hmac
 import inspect
+import ipaddress
 import secrets
 import time
 from collections import deque
@@ -106,8 +120,29 @@ class SessionStore:
         return len(self._sessions)
 
 
+def client_id(host: str | None) -> str:
+    """The limiter's name for a client address: the address itself, an IPv6 one's /64 (an
+    IPv4-mapped one is its IPv4 address); a string that is no address (a Unix socket) as it is."""
+    if not host:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host[:256]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 class LoginLimiter:
-    """Failed logins in a sliding window, per client address and in total; bounded memory."""
+    """Failed logins in a sliding window, per client and in total; bounded memory.
+
+    A client is refused while it has `per_client` failures in the window, or while it has any
+    failure in the window and all clients together have `total`. A client without a failure in
+    the window is never refused by the total (the admin cannot be locked out by others' guesses).
+    """
 
     def __init__(self, *, clock: Callable[[], float], window_s: float = LOGIN_WINDOW_S,
                  per_client: int = LOGIN_FAILURES_PER_CLIENT, total: int = LOGIN_FAILURES_TOTAL) -> None:
@@ -127,12 +162,14 @@ class LoginLimiter:
         if mine:
             while mine and mine[0] <= horizon:
                 mine.popleft()
-            if len(mine) >= self._per_client:
+            if not mine:
+                del self._failures[client]
+            elif len(mine) >= self._per_client:
                 waits.append(mine[0] - horizon)
         while self._all and self._all[0] <= horizon:
             self._all.popleft()
-        if len(self._all) >= self._total:
-            waits.append(self._all[0] - horizon)
+        if mine and len(self._all) >= self._total:  # only clients that failed themselves
+            waits.append(min(self._all[0], mine[-1]) - horizon)
         return max(1, int(max(waits)) + 1) if waits else 0
 
     def record_failure(self, client: str) -> None:
@@ -204,7 +241,7 @@ def overview_routes(
     async def login(request: Request) -> Response:
         if not _same_origin(request):
             return secured(Response("cross-origin form refused", status_code=403, media_type="text/plain"))
-        client = request.client.host if request.client else "unknown"
+        client = client_id(request.client.host if request.client else None)
         wait_s = limiter.retry_after_s(client)
         if wait_s:
             return login_page("Too many failed sign-ins. Try again later.", 429, {"Retry-After": str(wait_s)})

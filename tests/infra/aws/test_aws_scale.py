@@ -134,6 +134,9 @@ def test_replicas_get_a_load_balancer_with_health_checks_and_a_shared_dynamodb_l
     for instance in run.of(INSTANCE):
         env = _units(instance.inputs["userData"])["gateway.env"]
         assert "R1NEST_STORE=dynamodb" in env and f"R1NEST_DYNAMODB_TABLE={run.outputs['ledger_table']}" in env
+        # behind the ALB: its X-Forwarded-For is trusted (login limits see the real client), and the
+        # header deadline outlasts the ALB's idle connections
+        assert "R1NEST_TRUSTED_PROXIES=10.42.0.0/16" in env and "R1NEST_HEADER_TIMEOUT_S=4060" in env
 
     # the gateways take traffic only from the load balancer; the load balancer from the allowed CIDRs
     nodes_sg, = [g for g in run.of("aws:ec2/securityGroup:SecurityGroup") if g.name.endswith("-nodes")]
@@ -152,6 +155,7 @@ def test_one_replica_has_no_load_balancer_and_no_table(run_stack):
     assert "ledger_table" not in run.outputs
     env = _units(run.one(INSTANCE).inputs["userData"])["gateway.env"]
     assert "R1NEST_STORE=sqlite" in env
+    assert "R1NEST_TRUSTED_PROXIES" not in env  # clients connect directly: trust no forwarded header
 
 
 def test_iam_check_reports_table_access_beyond_the_ledger(run_stack):
