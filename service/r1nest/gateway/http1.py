@@ -1,14 +1,30 @@
 """A lean HTTP/1.1 client for one upstream: keep-alive connection pool, streamed bodies.
 
-Why not aiohttp or httpx: the gateway's added latency and CPU per request are dominated by the
-client it uses upstream, and the gateway only ever talks to one engine, over plain HTTP/1.1,
-with JSON bodies it builds itself. An asyncio Protocol with httptools' response parser (the
-parser uvicorn uses) does that at a third of aiohttp's CPU per request (scripts/bench_gateway.py).
+Why not a library: the gateway only ever talks to one engine, over plain HTTP/1.1, with JSON
+bodies it builds itself, and the upstream client is a large share of the gateway's own CPU. An
+asyncio Protocol with httptools' response parser (the parser uvicorn uses) takes about 0.3x
+aiohttp's client CPU per request and 0.06x httpcore's, and the gateway using it spends about
+0.7x the CPU per request of the same gateway on aiohttp (scripts/bench_upstream_clients.py;
+figures, and the margin this client must keep to stay, in docs/benchmarks.md, "Upstream HTTP
+client").
+
+What a library would give, it does too:
+- bodies framed by Content-Length, by chunked encoding, or by the server closing the connection
+  (an HTTP/1.0-style answer without either: the body is whatever came before the clean close);
+- a read-idle timeout per request (`idle_timeout_s`): no byte from the server for that long while
+  the caller waits for one fails the response (ConnectionFailed, as a dropped connection does)
+  and closes the connection. Time that reading is paused because the caller is slow does not
+  count;
+- keep-alive expiry: a connection idle in the pool longer than `keepalive_expiry_s` is closed
+  rather than reused (under uvicorn's default 5 s keep-alive timeout, which vLLM keeps unless
+  VLLM_HTTP_TIMEOUT_KEEP_ALIVE says otherwise, so the engine does not close a connection just as
+  it is reused); one the server closed is dropped, and a request whose reused connection is
+  closed before any answer byte is sent once more on a new one.
 
 Bounded: total connections (a semaphore), idle connections kept, buffered body bytes per
 response (reading pauses above BUFFER_HIGH_BYTES, so a slow client slows the engine's stream
-rather than growing memory). Closing a response before its end closes the connection: the
-engine sees the disconnect and aborts the request.
+rather than growing memory), header bytes. Closing a response before its end closes the
+connection: the engine sees the disconnect and aborts the request.
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ BUFFER_HIGH_BYTES = 1024 * 1024
 BUFFER_LOW_BYTES = 256 * 1024
 MAX_IDLE_CONNECTIONS = 256
 MAX_HEADER_BYTES = 64 * 1024
+KEEPALIVE_EXPIRY_S = 4.0  # an idle pooled connection older than this is closed, not reused
 
 
 class ConnectionFailed(Exception):
@@ -34,6 +51,7 @@ class _Connection(asyncio.Protocol):
     """One TCP connection; carries one request at a time."""
 
     def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.lost = False
@@ -47,6 +65,12 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.header_bytes = 0
         self.keep_alive = False
+        self.framed = False  # Content-Length or Transfer-Encoding: else the body ends at the close
+        self.idle_since = 0.0  # loop time it went back to the pool
+        self.last_read = 0.0  # loop time of the last bytes received (or reading resumed)
+        self.idle_timeout_s: float | None = None
+        self.timed_out = False
+        self._timer: asyncio.TimerHandle | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     # asyncio.Protocol
@@ -55,6 +79,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
+        self.last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -64,8 +89,12 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.disarm()
         if not self.complete:
-            self._fail("connection closed by upstream")
+            if exc is None and self.error is None and self.headers_done and not self.framed:
+                self.complete = True  # a body delimited by the close: this clean close ends it
+            else:
+                self._fail("connection closed by upstream")
         self._wake()
 
     # httptools callbacks
@@ -73,6 +102,8 @@ class _Connection(asyncio.Protocol):
         self.header_bytes += len(name) + len(value)
         if self.header_bytes > MAX_HEADER_BYTES:
             self._fail("upstream headers too large")
+        if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
+            self.framed = True
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -90,7 +121,37 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()  # only valid inside this callback
+        self.disarm()
         self._wake()
+
+    # read-idle timeout: one timer per request, moved on only when it fires
+    def arm(self, idle_timeout_s: float | None) -> None:
+        """Fail the response if `idle_timeout_s` pass without a byte from the server (None: never)."""
+        self.idle_timeout_s = idle_timeout_s
+        if idle_timeout_s is not None:
+            self.last_read = self.loop.time()
+            self._timer = self.loop.call_at(self.last_read + idle_timeout_s, self._check_idle)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        timeout = self.idle_timeout_s
+        if timeout is None or self.complete or self.lost or self.error is not None:
+            return
+        now = self.loop.time()
+        if self.paused:  # the caller is not reading: not the server's silence
+            deadline = now + timeout
+        else:
+            deadline = self.last_read + timeout
+            if deadline <= now:
+                self.timed_out = True
+                self._fail(f"no data from upstream for {timeout:g} s")
+                return
+        self._timer = self.loop.call_at(deadline, self._check_idle)
 
     # helpers
     def _fail(self, message: str) -> None:
@@ -106,7 +167,7 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     async def wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self.loop.create_future()
         try:
             await self._waiter
         finally:
@@ -118,6 +179,7 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         if self.paused and self.transport is not None and not self.lost:
             self.paused = False
+            self.last_read = self.loop.time()  # the server gets a whole idle period from here
             self.transport.resume_reading()
         return data
 
@@ -125,9 +187,11 @@ class _Connection(asyncio.Protocol):
         """Ready for the next request on the same connection."""
         self.parser = httptools.HttpResponseParser(self)
         self.status, self.headers_done, self.complete, self.received_any = 0, False, False, False
-        self.keep_alive = False
+        self.keep_alive, self.framed = False, False
         self.chunks.clear()
         self.buffered, self.header_bytes = 0, 0
+        self.disarm()
+        self.idle_timeout_s, self.timed_out = None, False
 
     @property
     def reusable(self) -> bool:
@@ -192,7 +256,10 @@ class Response:
 class Pool:
     """Keep-alive connections to one host:port."""
 
-    def __init__(self, base_url: str, *, max_connections: int, connect_timeout_s: float) -> None:
+    def __init__(
+        self, base_url: str, *, max_connections: int, connect_timeout_s: float,
+        keepalive_expiry_s: float = KEEPALIVE_EXPIRY_S,
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError("the lean upstream client speaks plain http:// only")
@@ -203,6 +270,7 @@ class Pool:
         self._idle: collections.deque[_Connection] = collections.deque()
         self._slots = asyncio.Semaphore(max_connections)
         self._connect_timeout_s = connect_timeout_s
+        self._keepalive_expiry_s = keepalive_expiry_s
         self._heads: dict[tuple[str, str], bytes] = {}
         self.extra_headers = b""
 
@@ -225,15 +293,25 @@ class Pool:
             raise ConnectionFailed(f"cannot connect to upstream: {type(exc).__name__}") from None
         return connection
 
+    def _expire_idle(self, now: float) -> None:
+        """Close pooled connections idle for longer than the expiry (the oldest are on the left)."""
+        idle, oldest = self._idle, now - self._keepalive_expiry_s
+        while idle and idle[0].idle_since < oldest:
+            connection = idle.popleft()
+            if connection.transport is not None:
+                connection.transport.close()
+
     def _take_idle(self) -> _Connection | None:
+        self._expire_idle(asyncio.get_running_loop().time())
         while self._idle:
             connection = self._idle.pop()
             if not connection.lost and connection.transport is not None and not connection.transport.is_closing():
                 return connection
         return None
 
-    async def request(self, method: str, path: str, body: bytes = b"") -> Response:
-        """Send a request; returns once the response headers are in."""
+    async def request(self, method: str, path: str, body: bytes = b"", *, idle_timeout_s: float | None = None) -> Response:
+        """Send a request; returns once the response headers are in. `idle_timeout_s`: fail
+        (ConnectionFailed) when the server sends nothing for that long, headers or body."""
         await self._slots.acquire()
         connection: _Connection | None = None
         try:
@@ -243,6 +321,7 @@ class Pool:
                 if connection is None:
                     connection = await self._connect()
                 connection.reset()
+                connection.arm(idle_timeout_s)
                 assert connection.transport is not None
                 connection.transport.write(
                     self._head(method, path) + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
@@ -253,7 +332,7 @@ class Pool:
                     return Response(self, connection)
                 # A kept-alive connection the engine had just closed: nothing was processed,
                 # so try once more on a fresh one. Anything else is a real failure.
-                if not (reused and not connection.received_any and attempt == 0):
+                if not (reused and connection.lost and not connection.received_any and not connection.timed_out and attempt == 0):
                     raise ConnectionFailed(connection.error or "upstream failed")
             raise ConnectionFailed("upstream failed")
         except BaseException:
@@ -264,7 +343,10 @@ class Pool:
 
     def _release(self, connection: _Connection) -> None:
         self._slots.release()
+        connection.disarm()
         if connection.reusable and len(self._idle) < MAX_IDLE_CONNECTIONS:
+            connection.idle_since = now = connection.loop.time()
+            self._expire_idle(now)
             self._idle.append(connection)
             return
         if connection.transport is not None:

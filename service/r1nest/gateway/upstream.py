@@ -4,6 +4,16 @@ Only this module does upstream I/O. Requests carry the engine's own key and noth
 client's headers. Closing a streamed response closes its TCP connection, which is how vLLM and
 SGLang learn that a request was abandoned (they abort it and free the GPU).
 
+Two read bounds besides the callers' overall time limits:
+- a stream fails when the engine sends nothing for `idle_timeout_s` (IDLE_TIMEOUT_S by default):
+  the response breaks off with ConnectionFailed, as when the engine drops the connection, so
+  what streamed is paid, and the connection is closed so the engine aborts the request. Time
+  the gateway itself is not reading (a slow client) does not count. An engine streams every
+  token as it comes, so silence that long is a stalled engine, or a request queued behind that
+  many minutes of others;
+- a whole (non-streamed) answer, which the engine sends only when it has finished, fails after
+  `read_timeout_s` without a byte.
+
 Besides completions it asks the engine two things, for the `max_tokens` rules (shaping.py):
 - its context length: `max_model_len` in `/v1/models` (vLLM and SGLang), unless the launch
   already said (`UpstreamConfig.max_model_len`, from the planner); asked once, then kept;
@@ -28,6 +38,7 @@ if TYPE_CHECKING:
 
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a whole (non-streamed) answer larger than this is refused
 CONNECT_TIMEOUT_S = 10.0
+IDLE_TIMEOUT_S = 300.0  # a stream with no byte from the engine for this long has failed
 HEALTH_TIMEOUT_S = 5.0
 TOKENIZE_TIMEOUT_S = 10.0
 MAX_TOKENIZE_ANSWER_BYTES = 64 * 1024 * 1024  # vLLM lists the token ids too
@@ -59,9 +70,13 @@ class UpstreamResponse:
 class Upstream:
     """A connection pool to the engine. `start()` inside the event loop, `close()` at shutdown."""
 
-    def __init__(self, config: UpstreamConfig, *, read_timeout_s: float, max_connections: int = 1024) -> None:
+    def __init__(
+        self, config: UpstreamConfig, *, read_timeout_s: float, idle_timeout_s: float = IDLE_TIMEOUT_S,
+        max_connections: int = 1024,
+    ) -> None:
         self.config = config
         self._read_timeout_s = read_timeout_s
+        self._idle_timeout_s = idle_timeout_s
         self._max_connections = max_connections
         headers = b"Content-Type: application/json\r\nAccept-Encoding: identity\r\n"
         if config.api_key:
@@ -88,9 +103,9 @@ class Upstream:
         return self._pool
 
     async def post(self, path: str, body: bytes) -> UpstreamResponse:
-        """POST a JSON body and read the whole answer (bounded)."""
+        """POST a JSON body and read the whole answer (bounded in size, and in time without a byte)."""
         try:
-            async with await self.pool.request("POST", path, body) as response:
+            async with await self.pool.request("POST", path, body, idle_timeout_s=self._read_timeout_s) as response:
                 return UpstreamResponse(response.status, await response.read(MAX_RESPONSE_BYTES))
         except ConnectionFailed as exc:
             raise UpstreamUnreachable(str(exc)) from None
@@ -98,9 +113,11 @@ class Upstream:
     @contextlib.asynccontextmanager
     async def stream(self, path: str, body: bytes) -> AsyncIterator[Response]:
         """POST and hand back the response while its body streams in (`iter_chunks()`). Leaving
-        the block before the end closes the connection (the engine aborts the request)."""
+        the block before the end closes the connection (the engine aborts the request). No byte
+        from the engine for `idle_timeout_s`, headers or body: ConnectionFailed from the response
+        (as a dropped connection), or UpstreamUnreachable before the headers."""
         try:
-            response = await self.pool.request("POST", path, body)
+            response = await self.pool.request("POST", path, body, idle_timeout_s=self._idle_timeout_s)
         except ConnectionFailed as exc:
             raise UpstreamUnreachable(str(exc)) from None
         try:
