@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     max_messages: int = Field(default=512, ge=1)
     max_tokens_cap: int = Field(default=32_768, ge=1)
     stream_timeout_s: float = Field(default=1800.0, gt=0)
+    stream_idle_timeout_s: float = Field(
+        default=300.0, gt=0, description="no byte from the engine for this long ends a request as an engine failure"
+    )
     reservation_ttl_s: float = Field(default=3600.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     rate_limit_rpm: int = Field(default=0, ge=0, description="completion requests per minute per key; 0: no limit")

@@ -288,7 +288,7 @@ async def test_reservation_covers_every_choice_and_closes_exactly_once() -> None
     ticket = await metering.reserve(
         store, key_id, 1_000, shaped, price=price, cap=100, ttl_s=60, clock=lambda: 1.0, metrics=Metrics()
     )
-    assert shaped.body["max_tokens"] == 100
+    assert ticket.max_tokens == 100
     assert ticket.credits_reserved == shaped.prompt_tokens_bound + 2 * 100
     assert await ticket.settle(10, 20) == 1_000 - 30
     assert await ticket.settle(10, 20) == ticket.reservation.remaining_credits  # a no-op
@@ -314,4 +314,4 @@ async def test_a_stale_balance_is_retried_against_the_store() -> None:
     ticket = await metering.reserve(
         store, key_id, 10_000, shaped, price=price, cap=1_000, ttl_s=60, clock=lambda: 1.0, metrics=Metrics()
     )
-    assert ticket.credits_reserved == 300 and shaped.body["max_tokens"] == 300 - shaped.prompt_tokens_bound
+    assert ticket.credits_reserved == 300 and ticket.max_tokens == 300 - shaped.prompt_tokens_bound

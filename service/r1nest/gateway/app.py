@@ -32,7 +32,7 @@ from r1nest.errors import (
     UnknownKey,
     store_unavailable,
 )
-from r1nest.gateway import metering, proxy, routing, sse
+from r1nest.gateway import metering, proxy, routing
 from r1nest.gateway.auth import INVALID_KEY_MESSAGE, AdminKey, authenticate
 from r1nest.gateway.exchange import ClientGone, Exchange, Receive, Scope, Send
 from r1nest.gateway.interrupts import Interruptible
@@ -41,7 +41,7 @@ from r1nest.gateway.pricing import Price
 from r1nest.gateway.ratelimit import RateLimiter, retry_after_header
 from r1nest.gateway.settlements import JOURNAL_FILE, Settlements
 from r1nest.gateway.routing import Kind, Match, NoMatch
-from r1nest.gateway.shaping import Policy, Shaped, fit_context, parse_body, shape
+from r1nest.gateway.shaping import Policy, Shaped, fit_context, parse_body, shape, upstream_body
 from r1nest.gateway.state import EngineState
 from r1nest.gateway.upstream import Upstream, UpstreamConfig, watch_health
 from r1nest.ledger.base import Store
@@ -65,7 +65,8 @@ class Gateway:
         self.settings = settings
         self.store = store
         self.upstream_config = upstream
-        self.upstream = Upstream(upstream, read_timeout_s=settings.stream_timeout_s)
+        self.upstream = Upstream(upstream, read_timeout_s=settings.stream_timeout_s,
+                                 idle_timeout_s=settings.stream_idle_timeout_s)
         self.state = state
         self.clock = clock
         self.admin = AdminKey(admin_key)
@@ -187,7 +188,7 @@ class Gateway:
         if not exchange.started:
             await exchange.error(exc)
         elif not exchange.finished:  # a stream cut by a fault: end it the way streams end
-            await exchange.body(sse.event(sse.encode(exc.body())) + sse.DONE_EVENT)
+            await exchange.body(proxy.error_tail(exc))
 
     async def _dispatch(self, exchange: Exchange, route: Match | NoMatch) -> None:
         if isinstance(route, NoMatch):
@@ -271,9 +272,42 @@ class Gateway:
         raw = await exchange.read_body(self.settings.max_body_bytes)
         shaped = shape(parse_body(raw), chat=kind is Kind.CHAT, policy=self.policy)
         await self._fit_context(shaped)
+        grant = await self._reserve(exchange, record.key_id, record.remaining_credits, shaped)
+        exchange.remaining_credits = grant.remaining_credits  # until the settlement says more
+        body = upstream_body(shaped, grant.max_tokens)
+        path, timeout_s = ENGINE_PATHS[kind], self.settings.stream_timeout_s
         try:
-            ticket = await metering.reserve(
-                self.store, record.key_id, record.remaining_credits, shaped, price=self.price,
+            if shaped.stream:
+                interruptible = Interruptible(exchange.receive, self.interruptibles)
+                end = await proxy.relay_stream(
+                    exchange, self.upstream, path, body, keep_usage=shaped.client_continuous_usage,
+                    interruptible=interruptible, timeout_s=timeout_s,
+                )
+                if end.ending in ("client", "drain"):
+                    self.metrics.aborted_streams += 1
+                await self._settle(exchange, grant, end.outcome)
+                if end.ending == "client":
+                    return  # nobody is listening
+                if not end.started:  # drained before the engine answered
+                    raise Unavailable("The server is shutting down.", headers={"Retry-After": "5"})
+                await proxy.finish_stream(exchange, end, balance=exchange.remaining_credits,
+                                          client_usage=shaped.client_usage)
+            else:
+                interruptible = Interruptible(None, self.interruptibles)
+                async with interruptible:
+                    answer = await proxy.relay_whole(self.upstream, path, body, timeout_s=timeout_s)
+                if interruptible.reason == "drain":  # nothing is known of the work done
+                    raise Unavailable("The server is shutting down.", headers={"Retry-After": "5"})
+                await self._settle(exchange, grant, answer.outcome)
+                await exchange.respond(200, answer.body)  # only once the settle is in the ledger
+        finally:
+            if not grant.closed:  # the relay failed, or a path forgot: never leave a reservation open
+                exchange.remaining_credits = await grant.close(metering.NOTHING)
+
+    async def _reserve(self, exchange: Exchange, key_id: str, balance: int, shaped: Shaped) -> metering.Grant:
+        try:
+            return await metering.reserve(
+                self.store, key_id, balance, shaped, price=self.price,
                 cap=self.policy.max_tokens_cap, ttl_s=self.settings.reservation_ttl_s,
                 clock=self.clock, metrics=self.metrics, settlements=self.settlements,
             )
@@ -284,24 +318,13 @@ class Gateway:
             raise Unauthorized(INVALID_KEY_MESSAGE) from None
         except StoreUnavailable:
             raise store_unavailable() from None
-        exchange.remaining_credits = ticket.reservation.remaining_credits
-        path = ENGINE_PATHS[kind]
-        timeout_s = self.settings.stream_timeout_s
-        try:
-            if shaped.stream:
-                interruptible = Interruptible(exchange.receive, self.interruptibles)
-                await proxy.forward_stream(
-                    exchange, self.upstream, path, shaped, ticket, interruptible=interruptible, timeout_s=timeout_s
-                )
-            else:
-                interruptible = Interruptible(None, self.interruptibles)
-                async with interruptible:
-                    await proxy.forward_whole(exchange, self.upstream, path, shaped, ticket, timeout_s=timeout_s)
-                if interruptible.reason == "drain":
-                    raise Unavailable("The server is shutting down.", headers={"Retry-After": "5"})
-        finally:
-            if not ticket.closed:  # any path that forgot: never leave a reservation open
-                exchange.remaining_credits = await ticket.void()
+
+    @staticmethod
+    async def _settle(exchange: Exchange, grant: metering.Grant, outcome: metering.Outcome) -> None:
+        exchange.remaining_credits = await grant.close(outcome)
+        charge = grant.charge
+        exchange.note = (f"tokens={charge.prompt_tokens}+{charge.completion_tokens} credits={charge.credits}"
+                         if charge else "")
 
     async def _fit_context(self, shaped: Shaped) -> None:
         """Hold the request to the engine's context (shaping.fit_context), asking the engine for

@@ -1,5 +1,14 @@
-"""Reserve the worst case before the engine runs, settle at actual usage after: each reservation
-is closed exactly once (settled or voided), never above what was reserved.
+"""The one owner of a request's credits: reserve the worst case before the engine runs, settle
+at actual usage after. Each reservation is closed exactly once (settled or voided), never above
+what was reserved.
+
+    grant = await reserve(...)          # max_tokens decided, worst case reserved
+    ...relay with grant.max_tokens...   # proxy.py: returns an Outcome, never touches credits
+    balance = await grant.close(outcome)
+
+An `Outcome` says what the relay produced: usage the engine `reported`, usage the gateway
+`estimated` (an engine that sent none), or `nothing` (a failure before any token reached the
+client: voided, free).
 """
 
 from __future__ import annotations
@@ -7,19 +16,31 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 from r1nest.errors import InsufficientCredits, PaymentRequired, ReservationClosed, StoreError
 from r1nest.gateway import pricing
 from r1nest.gateway.metrics import Metrics
 from r1nest.gateway.pricing import Price
 from r1nest.gateway.settlements import Settlements
-from r1nest.gateway.shaping import Shaped, set_max_tokens
+from r1nest.gateway.shaping import Shaped
 from r1nest.ledger.base import Reservation, Store
 
 log = logging.getLogger("r1nest.gateway.metering")
 
 RESERVE_ATTEMPTS = 4  # a concurrent spender can change the balance between read and reserve
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a relay produced, as settlement reads it."""
+
+    basis: Literal["reported", "estimated", "nothing"]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+NOTHING = Outcome("nothing")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,14 +51,17 @@ class Charge:
     clamped: bool
 
 
-class Ticket:
-    """A reservation in flight. `settle` or `void` closes it; later calls are no-ops."""
+class Grant:
+    """A reservation in flight and the `max_tokens` it pays for. `close` (or `settle` / `void`)
+    closes it; later calls are no-ops."""
 
     def __init__(
         self, store: Store, reservation: Reservation, *, price: Price, prompt_tokens_bound: int,
-        completion_tokens_bound: int, clock: Callable[[], float], metrics: Metrics,
+        max_tokens: int, choices: int, clock: Callable[[], float], metrics: Metrics,
         settlements: Settlements | None = None,
     ) -> None:
+        self.max_tokens = max_tokens
+        completion_tokens_bound = max_tokens * choices
         self.store = store
         self.settlements = settlements or Settlements(store, None, clock=clock)
         self.reservation = reservation
@@ -52,6 +76,17 @@ class Ticket:
     @property
     def credits_reserved(self) -> int:
         return self.reservation.credits_reserved
+
+    @property
+    def remaining_credits(self) -> int:
+        """The key's balance once this reservation was taken."""
+        return self.reservation.remaining_credits
+
+    async def close(self, outcome: Outcome) -> int:
+        """Settle what the relay produced (void when nothing); the balance afterwards."""
+        if outcome.basis == "nothing" or not (outcome.prompt_tokens or outcome.completion_tokens):
+            return await self.void()
+        return await self.settle(outcome.prompt_tokens, outcome.completion_tokens)
 
     async def settle(self, prompt_tokens: int, completion_tokens: int) -> int:
         """Charge actual usage, each part clamped to its bound (prompt to the prompt bound,
@@ -112,9 +147,9 @@ class Ticket:
 async def reserve(
     store: Store, key_id: str, balance: int, shaped: Shaped, *, price: Price, cap: int,
     ttl_s: float, clock: Callable[[], float], metrics: Metrics, settlements: Settlements | None = None,
-) -> Ticket:
-    """Set max_tokens to what was asked (or the context left, at most `cap`), lowered to what the
-    balance affords, and reserve its worst case.
+) -> Grant:
+    """Decide max_tokens (what was asked, or the context left, at most `cap`, lowered to what
+    the balance affords) and reserve its worst case.
 
     InsufficientCredits (with the current balance) when not even one token is affordable.
     """
@@ -132,10 +167,9 @@ async def reserve(
         except InsufficientCredits as exc:
             balance = exc.remaining_credits
             continue
-        set_max_tokens(shaped, max_tokens)
-        return Ticket(
+        return Grant(
             store, reservation, price=price, prompt_tokens_bound=shaped.prompt_tokens_bound,
-            completion_tokens_bound=max_tokens * shaped.choices, clock=clock, metrics=metrics,
+            max_tokens=max_tokens, choices=shaped.choices, clock=clock, metrics=metrics,
             settlements=settlements,
         )
     raise InsufficientCredits(balance, pricing.cost(price, shaped.prompt_tokens_bound, shaped.choices))

@@ -265,12 +265,23 @@ def fit_context(shaped: Shaped, context_tokens: int, exact_prompt_tokens: int | 
     shaped.completion_room = room if room >= 1 else context_tokens - 1
 
 
-def set_max_tokens(shaped: Shaped, max_tokens: int) -> None:
-    shaped.body.pop("max_completion_tokens", None)
-    shaped.body["max_tokens"] = max_tokens
-    min_tokens = shaped.body.get("min_tokens")
+def upstream_body(shaped: Shaped, max_tokens: int) -> bytes:
+    """The body sent to the engine: the shaped request with the granted `max_tokens`, as
+    standard JSON."""
+    body = dict(shaped.body)
+    body.pop("max_completion_tokens", None)
+    body["max_tokens"] = max_tokens
+    min_tokens = body.get("min_tokens")
     if _is_int(min_tokens) and min_tokens > max_tokens:
-        shaped.body["min_tokens"] = max_tokens
+        body["min_tokens"] = max_tokens
+    return _encode(body)
+
+
+_encode_text = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def _encode(obj: Any) -> bytes:
+    return _encode_text(obj).encode("utf-8")
 
 
 def _is_int(value: object) -> bool:
