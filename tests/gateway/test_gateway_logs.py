@@ -40,8 +40,8 @@ def _exercise(url: str, key: str, admin: dict[str, str]) -> None:
 
 
 def _secrets(key: str) -> list[str]:
-    secret = key.rsplit("-", 1)[1]
-    return [key, secret, secret[:16], secret[-16:], ADMIN_KEY.rsplit("-", 1)[1][:16], ENGINE_KEY]
+    secret = key.split("-", 2)[2]
+    return [key, secret, secret[:16], secret[-16:], ADMIN_KEY.split("-", 2)[2][:16], ENGINE_KEY]
 
 
 def test_in_process_logs_never_hold_a_key(harness: Harness, caplog: Any) -> None:

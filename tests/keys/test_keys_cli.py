@@ -53,7 +53,7 @@ def test_create_prints_a_working_key_once(tmp_path: Path) -> None:
     assert record is not None and record.name == "alice" and record.remaining_credits == 500
     assert f"Created key {record.key_id} (alice) with 500 credits." in out
     listing = ok(invoke(tmp_path, "list")) + ok(invoke(tmp_path, "list", "--json"))
-    secret = key.rsplit("-", 1)[1]
+    secret = key.split("-", 2)[2]
     assert secret not in listing and record.key_hash not in listing
     assert secret.encode() not in (tmp_path / "ledger.sqlite3").read_bytes()
 
