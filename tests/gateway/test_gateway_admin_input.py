@@ -16,8 +16,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -214,32 +212,7 @@ def test_a_store_bug_is_500_without_a_traceback(make_harness: Any, caplog: pytes
 
 # real outages ---------------------------------------------------------------------------------
 
-LOCK_HOLDER = textwrap.dedent(
-    """
-    import sqlite3, sys
-    db = sqlite3.connect(sys.argv[1], isolation_level=None)
-    db.execute("BEGIN EXCLUSIVE")
-    print("locked", flush=True)
-    sys.stdin.readline()
-    db.execute("ROLLBACK")
-    """
-)
-
-
-@contextmanager
-def locked_by_another_process(path: Path) -> Iterator[None]:
-    child = subprocess.Popen(
-        [sys.executable, "-c", LOCK_HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert child.stdout.readline().strip() == "locked"
-        yield
-    finally:
-        child.stdin.close()
-        try:
-            child.wait(30)
-        except subprocess.TimeoutExpired:
-            child.kill()
+from r1nest.testing.ledger_lock import locked_by_another_process  # noqa: E402
 
 
 def test_a_sqlite_ledger_locked_by_another_process_is_503(

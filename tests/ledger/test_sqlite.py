@@ -14,8 +14,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -425,34 +424,7 @@ def test_unopenable_path_is_a_clear_error(tmp_path: Path) -> None:
 
 # outages: the file cannot answer -> StoreUnavailable (HTTP 503), never "bad request" ----------
 
-LOCK_HOLDER = textwrap.dedent(
-    """
-    import sqlite3, sys
-    db = sqlite3.connect(sys.argv[1], isolation_level=None)
-    db.execute("BEGIN EXCLUSIVE")
-    print("locked", flush=True)
-    sys.stdin.readline()
-    db.execute("ROLLBACK")
-    """
-)
-
-
-@contextmanager
-def locked_by_another_process(path: Path) -> Iterator[None]:
-    """Another process holds `BEGIN EXCLUSIVE` on the ledger until the block ends."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", LOCK_HOLDER, str(path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        assert read_line(child) == "locked"
-        yield
-    finally:
-        child.stdin.close()  # it rolls back and exits
-        try:
-            child.wait(30)
-        except subprocess.TimeoutExpired:
-            child.kill()
+from r1nest.testing.ledger_lock import locked_by_another_process  # noqa: E402
 
 
 @pytest.fixture
