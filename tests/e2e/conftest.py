@@ -4,12 +4,19 @@ One server per model for the whole session (vLLM needs a minute or more to start
 starts as a subprocess on a free port with its own data dir and is shared by the tests
 (r1nest.testing.serve_process); the servers the session needs start side by side. Skipped only
 when vLLM is not installed.
+
+A third server, `serve_examples`, runs the same tiny DeepSeek-V3 model with a small max_tokens cap
+(R1NEST_MAX_TOKENS_CAP, an operator setting): the published client examples that leave
+max_tokens out run on it as printed. The tiny model never emits EOS, so on a server with the
+default cap such a request generates until the context is full (16k tokens, minutes on CPU).
 """
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -51,35 +58,74 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             for arch in ("deepseek_v3", "qwen2")}
 
 
+# The max_tokens cap of the examples server: requests without max_tokens get at most this many.
+EXAMPLES_MAX_TOKENS_CAP = 48
+
+
+@dataclass(frozen=True)
+class Kind:
+    fixture: str
+    arch: str
+    settings_env: dict[str, str]
+
+
+# The servers a session can use, by kind: the fixture that gives it, its model, its settings.
+KINDS = {
+    "deepseek_v3": Kind("serve_v3", "deepseek_v3", SETTINGS_ENV),
+    "qwen2": Kind("serve_qwen2", "qwen2", SETTINGS_ENV),
+    "examples": Kind("serve_examples", "deepseek_v3",
+                     {**SETTINGS_ENV, "R1NEST_MAX_TOKENS_CAP": str(EXAMPLES_MAX_TOKENS_CAP)}),
+}
+FIXTURES = {name: kind.fixture for name, kind in KINDS.items()}
+
+
 class Servers:
     """Servers launched on demand. The first fixture that needs one also launches the other
-    models' servers that this session's tests will use, so their startups overlap."""
+    servers that this session's tests will use, so their startups overlap, and waits for them
+    all."""
 
     def __init__(self, models: dict[str, Path], root: Path, items: list[pytest.Item]) -> None:
         self.models, self.root = models, root
-        self.wanted = [arch for arch, fixture in FIXTURES.items()
+        self.wanted = [name for name, fixture in FIXTURES.items()
                        if any(fixture in getattr(item, "fixturenames", ()) for item in items)]
         self.launched: dict[str, Served] = {}
+        self.waited = False
 
-    def _launch(self, arch: str) -> None:
-        if arch not in self.launched:
-            directory = self.root / arch
+    def _launch(self, name: str) -> None:
+        if name not in self.launched:
+            kind = KINDS[name]
+            directory = self.root / name
             directory.mkdir()
-            self.launched[arch] = launch_serve(self.models[arch], directory / "data", directory / "serve.log",
-                                               settings_env=SETTINGS_ENV)
+            self.launched[name] = launch_serve(self.models[kind.arch], directory / "data", directory / "serve.log",
+                                               settings_env=kind.settings_env)
 
-    def get(self, arch: str) -> Served:
-        self._launch(arch)
+    def get(self, name: str) -> Served:
+        self._launch(name)
         for other in self.wanted:
             self._launch(other)
-        return wait_ready(self.launched[arch])
+        self._wait_all()
+        return wait_ready(self.launched[name])  # at once when ready; raises for a server that failed
+
+    def _wait_all(self) -> None:
+        """Wait for every launched server at once, each watched while it warms (wait_ready records
+        its 503 answers, whichever fixture asks first). A failure is raised by get() to the
+        fixture of that server only."""
+        if self.waited:
+            return
+        self.waited = True
+
+        def wait(served: Served) -> None:
+            try:
+                wait_ready(served)
+            except Exception:  # noqa: BLE001 - get() raises it again for this server's fixture
+                pass
+
+        with ThreadPoolExecutor(max_workers=len(self.launched)) as pool:
+            list(pool.map(wait, self.launched.values()))
 
     def stop_all(self) -> None:
         for served in self.launched.values():
             served.stop()
-
-
-FIXTURES = {"deepseek_v3": "serve_v3", "qwen2": "serve_qwen2"}
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +146,10 @@ def serve_v3(servers: Servers) -> Served:
 @pytest.fixture(scope="session")
 def serve_qwen2(servers: Servers) -> Served:
     return servers.get("qwen2")
+
+
+@pytest.fixture(scope="session")
+def serve_examples(servers: Servers) -> Served:
+    """The tiny DeepSeek-V3 model with max_tokens capped at EXAMPLES_MAX_TOKENS_CAP: for the
+    examples that leave max_tokens out (the gateway fills in at most the cap)."""
+    return servers.get("examples")

@@ -176,3 +176,10 @@ def running_requests(engine_url: str) -> float:
             seen = True
     assert seen, "vLLM's /metrics has no vllm:num_requests_running"
     return total
+
+
+def generated_tokens(engine_url: str) -> float:
+    """vLLM's counter of generated tokens, summed over engines."""
+    text = httpx.get(f"{engine_url}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:generation_tokens_total"))
