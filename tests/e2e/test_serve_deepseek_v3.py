@@ -134,3 +134,30 @@ def test_engine_is_on_loopback_behind_its_own_key_which_never_leaks(serve_v3: Se
     log = serve_v3.log_tail(10**8)
     assert engine_key not in log
     assert log.count(serve_v3.key) == 1  # the demo key: shown once, in the banner, never logged
+
+
+def test_max_tokens_and_the_context_on_the_real_engine(serve_v3: Served) -> None:
+    """vLLM's own context (16,384 tokens for the tiny model): an explicit max_tokens beyond what
+    the prompt leaves, and a prompt that fills the context, are 400 context_length_exceeded from
+    the gateway, nothing charged; max_tokens that exactly fits the engine's own count is taken."""
+    from openai import BadRequestError
+
+    client = _client(serve_v3)
+    model = serve_v3.state["served_model"]
+    before = serve_v3.credits()
+    with pytest.raises(BadRequestError) as refused:
+        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=16_384)
+    error = refused.value.body
+    assert refused.value.code == "context_length_exceeded" and "16384 tokens" in error["message"]
+    room = int(error["message"].rsplit("at most ", 1)[1].split(" ")[0])  # the largest that fits
+    assert 16_300 < room < 16_384
+    with pytest.raises(BadRequestError) as too_long:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "word " * 17_000}], max_tokens=5)
+    assert too_long.value.code == "context_length_exceeded"
+    assert serve_v3.credits() == before  # refusals cost nothing
+    stream = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=room, stream=True,
+                                            stream_options={"include_usage": True})
+    for chunk in stream:  # the engine accepts it: leave after the first tokens
+        if chunk.choices and (chunk.choices[0].delta.content or getattr(chunk.choices[0].delta, "reasoning_content", None)):
+            break
+    stream.close()
