@@ -64,7 +64,7 @@ class Settlements:
         backoff = FIRST_BACKOFF_S
         while True:
             try:
-                return await asyncio.shield(self.store.settle(reservation_id, credits, now=self.clock()))
+                return await self.store.settle(reservation_id, credits, now=self.clock())  # the caller shields
             except ReservationClosed:
                 raise
             except StoreError as exc:

@@ -121,14 +121,17 @@ def _refuse_constant(name: str) -> Any:
     raise BadRequest(f"The request body holds `{name}`, which is not standard JSON.")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def parse_body(raw: bytes) -> Any:
     """The request body as JSON, or 400: invalid UTF-8 or JSON, NaN / Infinity, strings with
     lone surrogates (they cannot be sent on as UTF-8), objects nested over MAX_JSON_DEPTH."""
     try:
-        body = json.loads(raw, parse_constant=_refuse_constant)
+        body = _DECODER.decode(raw.decode("utf-8"))
     except RecursionError:
         raise BadRequest(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.") from None
-    except ValueError:  # includes invalid UTF-8
+    except ValueError:  # includes invalid UTF-8 (UnicodeDecodeError)
         raise BadRequest("The request body is not valid JSON.") from None
     # Cheap screens first: deep nesting needs that many brackets, a lone surrogate an escape.
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH or b"\\u" in raw:
