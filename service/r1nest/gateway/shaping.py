@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from r1nest.errors import BadRequest, ContextLengthExceeded, NotFound
+from r1nest.gateway.sse import encode
 
 TEMPLATE_OVERHEAD_TOKENS = 64
 PER_MESSAGE_OVERHEAD_TOKENS = 16
@@ -68,10 +69,9 @@ ENGINE_CONTROL_FIELDS = frozenset({
     "truncate_prompt_tokens", "prompt_logprobs", "lora_request", "rid", "custom_logit_processor",
 })
 
-# Chat fields besides the messages that change the rendered prompt (kept in step with the
-# upstream's /tokenize request).
-TEMPLATE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
-                   "add_special_tokens", "documents", "chat_template")
+# Chat fields besides the messages that change the rendered prompt and reach the engine (the
+# others, such as chat_template_kwargs, are ENGINE_CONTROL_FIELDS): sent to /tokenize as well.
+TEMPLATE_FIELDS = ("tools",)
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
@@ -277,14 +277,7 @@ def upstream_body(shaped: Shaped, max_tokens: int) -> bytes:
     min_tokens = body.get("min_tokens")
     if _is_int(min_tokens) and min_tokens > max_tokens:
         body["min_tokens"] = max_tokens
-    return _encode(body)
-
-
-_encode_text = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-
-
-def _encode(obj: Any) -> bytes:
-    return _encode_text(obj).encode("utf-8")
+    return encode(body)
 
 
 def _is_int(value: object) -> bool:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from r1nest.gateway.http1 import ConnectionFailed, Pool, Response
+from r1nest.gateway.shaping import TEMPLATE_FIELDS
+from r1nest.gateway.sse import encode
 
 if TYPE_CHECKING:
     from r1nest.gateway.state import EngineState
@@ -42,9 +44,6 @@ IDLE_TIMEOUT_S = 300.0  # a stream with no byte from the engine for this long ha
 HEALTH_TIMEOUT_S = 5.0
 TOKENIZE_TIMEOUT_S = 10.0
 MAX_TOKENIZE_ANSWER_BYTES = 64 * 1024 * 1024  # vLLM lists the token ids too
-# What shapes the rendered prompt besides the messages: sent to /tokenize as it goes upstream.
-TEMPLATE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
-                   "add_special_tokens", "documents", "chat_template")
 
 log = logging.getLogger("r1nest.gateway.upstream")
 
@@ -158,13 +157,11 @@ class Upstream:
             request.update((name, body[name]) for name in TEMPLATE_FIELDS if name in body)
         elif isinstance(body.get("prompt"), str):
             request["prompt"] = body["prompt"]
-            if "add_special_tokens" in body:
-                request["add_special_tokens"] = body["add_special_tokens"]
         else:
             return None
         try:
             async with asyncio.timeout(TOKENIZE_TIMEOUT_S):
-                async with await self.pool.request("POST", "/tokenize", _dumps_bytes(request)) as response:
+                async with await self.pool.request("POST", "/tokenize", encode(request)) as response:
                     status, answer = response.status, await response.read(MAX_TOKENIZE_ANSWER_BYTES)
         except (ConnectionFailed, TimeoutError) as exc:
             log.warning("the engine's /tokenize did not answer (%s); using the byte bound", type(exc).__name__)
@@ -188,13 +185,6 @@ class Upstream:
             return (await self.get("/health")).status == 200
         except UpstreamUnreachable:
             return False
-
-
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-
-
-def _dumps_bytes(obj: Any) -> bytes:
-    return _dumps(obj).encode("utf-8")
 
 
 async def watch_health(upstream: Upstream, state: EngineState, *, interval_s: float = 2.0, failures_to_down: int = 3) -> None:
