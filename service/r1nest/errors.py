@@ -10,6 +10,7 @@
     │   │                            bad expiry, duplicate key id, unknown reservation (400)
     │   ├── InsufficientCredits      -> 406 insufficient_credits
     │   ├── UnknownKey               no such key id (admin API -> 404)
+    │   ├── KeyLimitReached          max_concurrency / rate_limit_rpm -> 429 + Retry-After
     │   └── ReservationClosed        settle/void of a reservation already closed
     └── ApiError                     anything answered over HTTP with an OpenAI-style body
         ├── BadRequest 400 · Unauthorized 401 · NotFound 404 · MethodNotAllowed 405
@@ -70,6 +71,15 @@ class InsufficientCredits(StoreError):
 
 class UnknownKey(StoreError):
     pass
+
+
+class KeyLimitReached(StoreError):
+    """A reservation would pass the key's `max_concurrency` or `rate_limit_rpm`; nothing changed."""
+
+    def __init__(self, limit: str, retry_after_s: float) -> None:
+        super().__init__(f"key limit {limit} reached; retry in {retry_after_s:g} s")
+        self.limit = limit  # "max_concurrency" or "rate_limit_rpm"
+        self.retry_after_s = retry_after_s
 
 
 class ReservationClosed(StoreError):

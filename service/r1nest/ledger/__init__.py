@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from r1nest.errors import ConfigError
-from r1nest.ledger.base import KeyRecord, Posting, Reservation, Store
+from r1nest.ledger.base import KeyRecord, Posting, Reservation, Store, Usage, UsageBucket
 
 if TYPE_CHECKING:
     from r1nest.settings import Settings
 
-__all__ = ["KeyRecord", "Posting", "Reservation", "Store", "open_and_sweep", "open_store"]
+__all__ = ["KeyRecord", "Posting", "Reservation", "Store", "Usage", "UsageBucket", "open_and_sweep", "open_store"]
 
 
 def open_store(settings: Settings) -> Store:

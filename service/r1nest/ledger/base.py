@@ -12,6 +12,23 @@ Money rules (tests/ledger/test_contract.py holds every backend to them):
 - `topup` with an idempotency key already seen for that key id changes nothing and returns the
   current balance;
 - every change of balance is recorded as a Posting; balance == sum of postings.
+
+Per-key limits (enforced by `reserve`, atomically with the balance check, so that they hold
+across every gateway process and replica sharing the store):
+- `max_concurrency`: at most this many reservations of the key open (not yet settled, voided or
+  swept) at once; one more raises KeyLimitReached("max_concurrency", 1.0) and changes nothing;
+- `rate_limit_rpm`: at most this many reservations of the key per fixed 60-second window
+  (windows start at multiples of 60 s of unix time); one more raises
+  KeyLimitReached("rate_limit_rpm", seconds until the next window) and changes nothing. A refused
+  reservation does not count.
+`reserve` takes the limits to apply (the gateway resolves key override vs deployment default);
+None means unlimited. The key's own limits live on its KeyRecord.
+
+Usage: `settle(..., usage=Usage(...))` records the request's token counts with its settle
+posting. `usage()` sums settled requests into fixed buckets of `bucket_s` seconds (bucket start
+= floor(at / bucket_s) * bucket_s, unix time, so days are UTC days), for one key or all keys,
+over postings with since <= at < until. Voided reservations are not requests; a settle without
+usage counts as a request with zero tokens. `credits` is what was charged (reserved - refund).
 """
 
 from __future__ import annotations
@@ -31,6 +48,8 @@ class KeyRecord:
     expires_at: float | None
     revoked: bool
     remaining_credits: int
+    max_concurrency: int | None = None  # open reservations at once; None: the deployment default
+    rate_limit_rpm: int | None = None  # reservations per 60 s window; None: the deployment default
 
     def usable(self, now: float) -> bool:
         return not self.revoked and (self.expires_at is None or now < self.expires_at)
@@ -55,12 +74,37 @@ class Posting:
     note: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one request, recorded when it settles."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, served from the engine's prefix cache
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageBucket:
+    start: float  # unix seconds, a multiple of the bucket size
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    credits: int  # charged
+
+
+
 class Store(Protocol):
     """Keys and credits. Async so that network stores and group-committing SQLite fit alike."""
 
     async def create_key(
-        self, *, key_id: str, key_hash: str, name: str, credits: int, expires_at: float | None, now: float
+        self, *, key_id: str, key_hash: str, name: str, credits: int, expires_at: float | None, now: float,
+        max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
     ) -> KeyRecord: ...
+
+    async def set_key_limits(
+        self, key_id: str, *, max_concurrency: int | None, rate_limit_rpm: int | None
+    ) -> KeyRecord: ...  # UnknownKey; both replaced (None clears the override)
 
     async def get_key(self, key_id: str) -> KeyRecord | None: ...
 
@@ -72,14 +116,23 @@ class Store(Protocol):
 
     async def balance(self, key_id: str) -> int: ...  # UnknownKey
 
-    async def reserve(self, key_id: str, credits: int, *, ttl_s: float, now: float) -> Reservation: ...
+    async def reserve(
+        self, key_id: str, credits: int, *, ttl_s: float, now: float,
+        max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
+    ) -> Reservation: ...  # InsufficientCredits, KeyLimitReached, UnknownKey
 
-    async def settle(self, reservation_id: str, credits_charged: int, *, now: float) -> int: ...
+    async def settle(
+        self, reservation_id: str, credits_charged: int, *, now: float, usage: Usage | None = None
+    ) -> int: ...
 
     async def void(self, reservation_id: str, *, now: float) -> int: ...
 
     async def sweep_expired(self, *, now: float) -> int: ...
 
     async def postings(self, key_id: str) -> list[Posting]: ...
+
+    async def usage(
+        self, *, key_id: str | None, since: float, until: float, bucket_s: int
+    ) -> list[UsageBucket]: ...  # buckets with at least one request, oldest first
 
     async def close(self) -> None: ...
