@@ -116,6 +116,27 @@ class ApiError(R1nestError):
             }
         }
 
+    def anthropic_body(self) -> dict[str, Any]:
+        """The same error in the shape of Anthropic's Messages API (its error `type` for the
+        status; r1nest's own `code` beside it, e.g. `insufficient_credits` for a 406)."""
+        return {
+            "type": "error",
+            "error": {
+                "type": ANTHROPIC_ERROR_TYPES.get(self.status_code, "api_error"),
+                "message": self.message,
+                "code": self.code,
+            },
+        }
+
+
+# Anthropic's error types by HTTP status (its API reference, "Errors"); 406 and 503 are r1nest's.
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 405: "invalid_request_error", 406: "billing_error", 413: "request_too_large",
+    429: "rate_limit_error", 500: "api_error", 502: "api_error", 503: "overloaded_error",
+    529: "overloaded_error",
+}
+
 
 class BadRequest(ApiError):
     status_code, error_type, code = 400, "invalid_request_error", "invalid_request"

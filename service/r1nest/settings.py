@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     price_prompt_per_mtok: int = Field(default=1_000_000, ge=0)
     price_completion_per_mtok: int = Field(default=4_000_000, ge=0)
     price_min_per_request: int = Field(default=0, ge=0)
+    price_cached_prompt_per_mtok: int | None = Field(
+        default=None, ge=0, description="prompt tokens served from the engine's prefix cache; unset: the prompt price"
+    )
     demo_credits: int = Field(default=1_000_000, ge=0)
 
     # DeepSeek-R1 conventions
@@ -72,15 +75,27 @@ class Settings(BaseSettings):
     )
     reservation_ttl_s: float = Field(default=3600.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
-    rate_limit_rpm: int = Field(default=0, ge=0, description="completion requests per minute per key; 0: no limit")
+    rate_limit_rpm: int = Field(
+        default=0, ge=0, description="default per-key completion requests per 60 s window; 0: no limit"
+    )
+    max_concurrent_per_key: int = Field(
+        default=0, ge=0, description="default per-key completion requests in flight; 0: no limit"
+    )
+    keepalive_s: float = Field(
+        default=15.0, ge=0, description="an SSE comment after this long without an event on a stream; 0: never"
+    )
     max_header_bytes: int = Field(default=64 * 1024, ge=4096, description="request line + headers; over it: 431")
     header_timeout_s: float = Field(default=10.0, gt=0, description="to send a whole request head; else closed")
 
     # stores
-    store: Literal["sqlite", "dynamodb"] = "sqlite"
+    store: Literal["sqlite", "dynamodb", "postgres"] = "sqlite"
     dynamodb_table: str | None = None
     aws_region: str | None = None
     dynamodb_endpoint_url: str | None = None
+    database_url: SecretStr | None = Field(
+        default=None, description="PostgreSQL ledger (store = postgres): postgresql://user:password@host:port/db"
+    )
+    database_pool_size: int = Field(default=10, ge=1, le=1000, description="PostgreSQL connections per process")
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -90,6 +105,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 "reservation_ttl_s must be longer than stream_timeout_s, or a live stream's "
                 "reservation could be voided by the sweeper"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cached_price_is_a_discount(self) -> "Settings":
+        cached = self.price_cached_prompt_per_mtok
+        if cached is not None and cached > self.price_prompt_per_mtok:
+            raise ValueError(
+                "price_cached_prompt_per_mtok must not exceed price_prompt_per_mtok: reservations "
+                "price every prompt token as a cache miss"
             )
         return self
 

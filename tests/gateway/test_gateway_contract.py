@@ -231,10 +231,12 @@ def test_admin_api(harness: Harness) -> None:
     created = harness.client.post("/admin/keys", json={"name": "alice", "credits": 100}, headers=harness.admin)
     assert created.status_code == 201
     body = created.json()
-    assert set(body) == {"id", "key", "name", "remaining_credits"} and body["remaining_credits"] == 100
+    assert set(body) == {"id", "key", "name", "remaining_credits", "max_concurrency", "rate_limit_rpm"}
+    assert body["remaining_credits"] == 100 and body["max_concurrency"] is None
     listing = harness.client.get("/admin/keys", headers=harness.admin).json()["data"]
     row = next(r for r in listing if r["id"] == body["id"])
-    assert set(row) == {"id", "name", "created_at", "expires_at", "revoked", "remaining_credits"}
+    assert set(row) == {"id", "name", "created_at", "expires_at", "revoked", "remaining_credits",
+                        "max_concurrency", "rate_limit_rpm"}
     assert body["key"] not in json.dumps(listing)
 
     topup = f"/admin/keys/{body['id']}/topup"
@@ -273,35 +275,64 @@ def test_overview_page_after_admin_login(harness: Harness) -> None:
 
 
 def test_per_key_rate_limit_is_429_with_retry_after(make_harness: Any) -> None:
-    harness = make_harness(rate_limit_rpm=6)  # one request per 10 s, bursts of one
+    harness = make_harness(rate_limit_rpm=2)  # the deployment's default: 2 per 60 s window
     key_id, key = harness.new_key(credits=10_000)
     _, other = harness.new_key(credits=10_000)
-    assert harness.chat(key).status_code == 200
+    assert [harness.chat(key).status_code for _ in range(2)] == [200, 200]
     limited = harness.chat(key)
     assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
-    assert 1 <= int(limited.headers["retry-after"]) <= 10
+    assert 1 <= int(limited.headers["retry-after"]) <= 60
     assert int(limited.headers["x-remaining-credits"]) == harness.balance(key_id)
     assert harness.chat(other).status_code == 200  # per key
+    assert "r1nest_rate_limited_total 1" in harness.client.get("/metrics", headers=harness.admin).text
 
 
-def test_rate_limiter_refills_over_time() -> None:
-    from r1nest.gateway.ratelimit import RateLimiter
+def test_a_keys_own_limits_override_the_default_and_can_change(make_harness: Any) -> None:
+    harness = make_harness(rate_limit_rpm=1)
+    key_id, key = harness.new_key(credits=10_000, rate_limit_rpm=3)
+    assert [harness.chat(key).status_code for _ in range(4)] == [200, 200, 200, 429]
+    changed = harness.client.post(f"/admin/keys/{key_id}/limits", json={"rate_limit_rpm": 1_000}, headers=harness.admin)
+    assert changed.status_code == 200 and changed.json()["rate_limit_rpm"] == 1_000
+    assert changed.json()["max_concurrency"] is None
+    assert harness.chat(key).status_code == 200
+    for bad in ({"rate_limit_rpm": 0}, {"rate_limit_rpm": 1.5}, {"max_concurrency": True}, {"max_concurrency": "2"}):
+        refused = harness.client.post(f"/admin/keys/{key_id}/limits", json=bad, headers=harness.admin)
+        assert refused.status_code == 400, bad
+    unknown = harness.client.post("/admin/keys/0123456789ab/limits", json={}, headers=harness.admin)
+    assert unknown.status_code == 404
 
-    now = [0.0]
-    limiter = RateLimiter(60, clock=lambda: now[0])  # 1/s, bursts of 6
-    assert [limiter.acquire("k") for _ in range(6)] == [None] * 6
-    wait = limiter.acquire("k")
-    assert wait is not None and 0 < wait <= 1.0
-    now[0] += 1.0
-    assert limiter.acquire("k") is None
+
+def test_max_concurrency_refuses_a_second_stream_until_the_first_ends(make_harness: Any) -> None:
+    harness = make_harness()
+    key_id, key = harness.new_key(credits=100_000, max_concurrency=1)
+    harness.engine.configure(hold_after_chunks=1, hold_s=30, reasoning_tokens=3)
+    import socket as socket_module
+
+    payload = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True}).encode()
+    sock = socket_module.create_connection(("127.0.0.1", harness.served.port), timeout=30)
+    sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode() + payload)
+    data = b""
+    while b"reasoning_content" not in data:
+        data += sock.recv(65536)
+    second = harness.chat(key)
+    assert second.status_code == 429 and second.headers["retry-after"] == "1"
+    assert "in flight" in second.json()["error"]["message"]
+    sock.close()  # the first ends (client gone): its reservation closes, the slot frees
+    harness.engine.configure(hold_after_chunks=None)
+    deadline = time.monotonic() + 30
+    while harness.gateway.open_requests:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert harness.chat(key).status_code == 200
 
 
 class _RevokedBeforeReserve(MemoryStore):
     """A key revoked by an admin between the request's authentication and its reservation."""
 
-    async def reserve(self, key_id, credits, *, ttl_s, now):  # type: ignore[no-untyped-def]
+    async def reserve(self, key_id, credits, *, ttl_s, now, **limits):  # type: ignore[no-untyped-def]
         await self.revoke_key(key_id)
-        return await super().reserve(key_id, credits, ttl_s=ttl_s, now=now)
+        return await super().reserve(key_id, credits, ttl_s=ttl_s, now=now, **limits)
 
 
 def test_key_revoked_between_authentication_and_reservation_is_401(make_harness: Any) -> None:

@@ -39,4 +39,4 @@ def test_a_stream_with_empty_events_between_tokens_completes_and_is_paid() -> No
     forwarded = [event for payload in splitter.feed(stream) if (event := tracker.take(payload)) is not None]
     assert len(forwarded) == 2 and all(event.startswith(b"data: {") for event in forwarded)
     assert tracker.complete and not tracker.error and not tracker.broken
-    assert tracker.usage() == (3, 2)
+    assert tracker.usage() == sse.Usage(3, 2)

@@ -258,11 +258,11 @@ def test_partial_stream_pays_last_usage_plus_deltas_counted_after_it() -> None:
     tracker.take(head + b',"usage":{"prompt_tokens":5,"total_tokens":7,"completion_tokens":2}}')
     tracker.take(head + b"}")
     tracker.take(head + b"}")
-    assert tracker.usage() == (5, 4) and not tracker.complete
+    assert tracker.usage() == sse.Usage(5, 4) and not tracker.complete
     silent = StreamTracker(keep_usage=False)
     for _ in range(3):
         silent.take(head + b"}")
-    assert silent.usage() == (0, 3)
+    assert silent.usage() == sse.Usage(0, 3)
 
 
 # metering -----------------------------------------------------------------------------------

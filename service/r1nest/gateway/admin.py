@@ -1,10 +1,18 @@
 """The admin API (admin key): create, list, revoke and top up keys, and read a key's postings.
 
-    POST /admin/keys {"name","credits","expires_at"?} -> 201 {"id","key","name","remaining_credits"}
-    GET  /admin/keys -> {"data":[{"id","name","created_at","expires_at","revoked","remaining_credits"}]}
+    POST /admin/keys {"name","credits","expires_at"?,"max_concurrency"?,"rate_limit_rpm"?}
+         -> 201 {"id","key","name","remaining_credits","max_concurrency","rate_limit_rpm"}
+    GET  /admin/keys -> {"data":[{"id","name","created_at","expires_at","revoked","remaining_credits",
+                                  "max_concurrency","rate_limit_rpm"}]}
     POST /admin/keys/{id}/revoke -> {"id","revoked":true}
     POST /admin/keys/{id}/topup {"credits":N} + Idempotency-Key -> {"id","remaining_credits"}
+    POST /admin/keys/{id}/limits {"max_concurrency":N|null,"rate_limit_rpm":N|null} -> the key
     GET  /admin/keys/{id}/usage -> {"id","remaining_credits","postings":[...]}
+    GET  /admin/usage?key=ID&from=&to=&bucket=hour|day -> usage buckets (r1nest/usage.py)
+
+Per-key limits: a positive integer, or null for the deployment's default
+(R1NEST_MAX_CONCURRENT_PER_KEY, R1NEST_RATE_LIMIT_RPM). `limits` replaces both: a field left
+out is set to null.
 
 Errors (OpenAI-style bodies, never a traceback): input the API or the store refuses (a body
 that is not JSON, NaN/Infinity or a number beyond a double anywhere in it, credits out of range,
@@ -19,6 +27,7 @@ import json
 import logging
 import math
 from typing import Any, Callable
+from urllib.parse import parse_qsl
 
 from r1nest import accounts
 from r1nest.errors import (
@@ -40,6 +49,8 @@ log = logging.getLogger("r1nest.gateway.admin")
 
 MAX_ADMIN_BODY_BYTES = 16 * 1024
 MAX_POSTINGS = 1000
+MAX_LIMIT = 1_000_000  # the largest per-key limit accepted (requests in flight or per minute)
+MAX_QUERY_FIELDS = 16
 
 
 class _NonFinite(ValueError):
@@ -87,6 +98,44 @@ def _expires_at(value: Any) -> float | None:
         raise BadRequest(str(exc), param="expires_at") from None
 
 
+def _limit(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
+        raise BadRequest(f"`{name}` must be an integer from 1 to {MAX_LIMIT}, or null for the default", param=name)
+    return value
+
+
+def _limits(body: dict[str, Any]) -> dict[str, int | None]:
+    return {name: _limit(body, name) for name in ("max_concurrency", "rate_limit_rpm")}
+
+
+def _query_param(exchange: Exchange, name: str) -> str | None:
+    """One query parameter (the last if repeated); None when absent. 400 for undecodable text."""
+    raw = exchange.scope.get("query_string") or b""
+    try:
+        values = [v for k, v in parse_qsl(raw.decode("ascii"), keep_blank_values=True, strict_parsing=False,
+                                          errors="strict", max_num_fields=MAX_QUERY_FIELDS) if k == name]
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("The query string cannot be read.") from None
+    return values[-1] if values else None
+
+
+async def answer_usage(exchange: Exchange, store: Store, clock: Callable[[], float], *, key_id: str | None) -> None:
+    """Usage buckets of one key (or all keys with key_id None) for ?from=&to=&bucket=."""
+    from r1nest import usage
+
+    window = usage.parse_window(
+        start=_query_param(exchange, "from"), end=_query_param(exchange, "to"),
+        bucket=_query_param(exchange, "bucket"), now=clock(),
+    )
+    if key_id is not None and await store.get_key(key_id) is None:
+        raise UnknownKey(key_id)
+    buckets = await store.usage(key_id=key_id, since=window.since, until=window.until, bucket_s=window.bucket_s)
+    await exchange.json(200, usage.usage_json(window, buckets, key_id=key_id))
+
+
 async def handle(exchange: Exchange, match: Match, store: Store, clock: Callable[[], float]) -> None:
     method = exchange.scope["method"]
     try:
@@ -99,12 +148,17 @@ async def handle(exchange: Exchange, match: Match, store: Store, clock: Callable
             if not isinstance(name, str):
                 raise BadRequest("`name` must be a string", param="name")
             expires_at = _expires_at(body.get("expires_at"))
+            limits = _limits(body)
             record, plaintext = await accounts.create_api_key(
-                store, name=name, credits=_credits(body.get("credits")), expires_at=expires_at, now=clock()
+                store, name=name, credits=_credits(body.get("credits")), expires_at=expires_at, now=clock(),
+                **limits,
             )
             await exchange.json(
-                201, {"id": record.key_id, "key": plaintext, "name": record.name, "remaining_credits": record.remaining_credits}
+                201, {"id": record.key_id, "key": plaintext, "name": record.name,
+                      "remaining_credits": record.remaining_credits, **limits},
             )
+        elif match.kind is Kind.ADMIN_USAGE:
+            await answer_usage(exchange, store, clock, key_id=_query_param(exchange, "key"))
         elif match.action == "revoke":
             record = await store.revoke_key(match.key_id)  # type: ignore[arg-type]
             await exchange.json(200, {"id": record.key_id, "revoked": True})
@@ -120,6 +174,10 @@ async def handle(exchange: Exchange, match: Match, store: Store, clock: Callable
                 now=clock(),
             )
             await exchange.json(200, {"id": match.key_id, "remaining_credits": balance})
+        elif match.action == "limits":
+            limits = _limits(await _json_body(exchange))
+            record = await store.set_key_limits(match.key_id, **limits)  # type: ignore[arg-type]
+            await exchange.json(200, accounts.key_json(record))
         elif match.action == "usage":
             postings = await store.postings(match.key_id)  # type: ignore[arg-type]
             balance = await store.balance(match.key_id)  # type: ignore[arg-type]
@@ -137,7 +195,7 @@ async def handle(exchange: Exchange, match: Match, store: Store, clock: Callable
         else:  # pragma: no cover - routing only yields the cases above
             raise NotFound("no such admin route")
     except UnknownKey:
-        raise NotFound(f"no key with id {match.key_id}", code="key_not_found") from None
+        raise NotFound(f"no key with id {match.key_id or _query_param(exchange, 'key')}", code="key_not_found") from None
     except InvalidLedgerArgument as exc:
         raise BadRequest(str(exc)) from None
     except StoreUnavailable as exc:

@@ -20,11 +20,12 @@ from typing import Any, Callable
 
 from r1nest.errors import (
     ApiError,
+    BadRequest,
     InsufficientCredits,
     InternalError,
+    KeyLimitReached,
     MethodNotAllowed,
     NotFound,
-    RateLimited,
     StoreError,
     StoreUnavailable,
     Unauthorized,
@@ -32,25 +33,27 @@ from r1nest.errors import (
     UnknownKey,
     store_unavailable,
 )
-from r1nest.gateway import metering, proxy, routing
+from r1nest.gateway import anthropic, metering, proxy, routing
 from r1nest.gateway.auth import INVALID_KEY_MESSAGE, AdminKey, authenticate
 from r1nest.gateway.exchange import ClientGone, Exchange, Receive, Scope, Send
 from r1nest.gateway.interrupts import Interruptible
 from r1nest.gateway.metrics import Metrics
 from r1nest.gateway.pricing import Price
-from r1nest.gateway.ratelimit import RateLimiter, retry_after_header
+from r1nest.gateway.ratelimit import rate_limited
 from r1nest.gateway.settlements import JOURNAL_FILE, Settlements
 from r1nest.gateway.routing import Kind, Match, NoMatch
 from r1nest.gateway.shaping import Policy, Shaped, fit_context, parse_body, shape, upstream_body
 from r1nest.gateway.state import EngineState
 from r1nest.gateway.upstream import Upstream, UpstreamConfig, watch_health
-from r1nest.ledger.base import Store
+from r1nest.ledger.base import KeyRecord, Store
 from r1nest.settings import Settings
 
 log = logging.getLogger("r1nest.gateway")
 access_log = logging.getLogger("r1nest.gateway.access")
 
-ENGINE_PATHS = {Kind.CHAT: "/v1/chat/completions", Kind.COMPLETIONS: "/v1/completions"}
+ENGINE_PATHS = {
+    Kind.CHAT: "/v1/chat/completions", Kind.COMPLETIONS: "/v1/completions", Kind.MESSAGES: "/v1/chat/completions",
+}
 SWEEP_INTERVAL_S = 300.0
 DRAIN_SETTLE_GRACE_S = 10.0
 
@@ -81,8 +84,10 @@ class Gateway:
             default_top_p=settings.default_top_p,
         )
         self.metrics = Metrics()
+        # vLLM takes `thinking_token_budget` (with --reasoning-config, which r1nest's profiles set);
+        # SGLang has no such field and would ignore it silently: refused there
+        self.thinking_budget = settings.engine == "vllm"
         self.settlements = Settlements(store, Path(settings.data_dir).expanduser() / JOURNAL_FILE, clock=clock)
-        self.rate_limiter = RateLimiter(settings.rate_limit_rpm, clock=time.monotonic) if settings.rate_limit_rpm else None
         self.interruptibles: set[Interruptible] = set()
         self.open_requests = 0
         self._idle = asyncio.Event()
@@ -188,7 +193,7 @@ class Gateway:
         if not exchange.started:
             await exchange.error(exc)
         elif not exchange.finished:  # a stream cut by a fault: end it the way streams end
-            await exchange.body(proxy.error_tail(exc))
+            await exchange.body(anthropic.error_tail(exc) if exchange.anthropic else proxy.error_tail(exc))
 
     async def _dispatch(self, exchange: Exchange, route: Match | NoMatch) -> None:
         if isinstance(route, NoMatch):
@@ -197,10 +202,24 @@ class Gateway:
                     f"Method {exchange.scope['method']} is not allowed here.",
                     headers={"Allow": ", ".join(sorted(route.allow))},
                 )
-            raise NotFound("Unknown URL. See /v1/models, /v1/chat/completions, /v1/completions, /v1/credits.")
+            raise NotFound(
+                "Unknown URL. See /v1/models, /v1/chat/completions, /v1/completions, /v1/messages, /v1/credits, /v1/usage."
+            )
         kind = route.kind
-        if kind is Kind.CHAT or kind is Kind.COMPLETIONS:
+        if kind is Kind.CHAT or kind is Kind.COMPLETIONS or kind is Kind.MESSAGES:
+            exchange.anthropic = kind is Kind.MESSAGES
             await self._completion(exchange, kind)
+        elif kind is Kind.COUNT_TOKENS:
+            exchange.anthropic = True
+            await self._count_tokens(exchange)
+        elif kind is Kind.USAGE:
+            from r1nest.gateway import admin
+
+            record = await self._authenticated(exchange)
+            try:
+                await admin.answer_usage(exchange, self.store, self.clock, key_id=record.key_id)
+            except StoreUnavailable:
+                raise store_unavailable() from None
         elif kind is Kind.HEALTH:
             await self._health(exchange)
         elif kind is Kind.MODELS:
@@ -260,29 +279,35 @@ class Gateway:
 
     async def _completion(self, exchange: Exchange, kind: Kind) -> None:
         record = await self._authenticated(exchange)
-        if self.rate_limiter is not None:
-            wait_s = self.rate_limiter.acquire(record.key_id)
-            if wait_s is not None:
-                raise RateLimited(
-                    "Too many requests for this key; retry after the time in Retry-After.",
-                    headers={"Retry-After": retry_after_header(wait_s)},
-                )
         if not self.state.ready:
             raise self._unavailable()
         raw = await exchange.read_body(self.settings.max_body_bytes)
-        shaped = shape(parse_body(raw), chat=kind is Kind.CHAT, policy=self.policy)
+        body = parse_body(raw)
+        stop_sequences: list[str] = []
+        if kind is Kind.MESSAGES:
+            body = anthropic.to_chat(body, thinking_budget=self.thinking_budget)
+            stop_sequences = body.get("stop") or []
+        elif isinstance(body, dict) and body.get("thinking_token_budget") is not None and not self.thinking_budget:
+            raise BadRequest("`thinking_token_budget`: this deployment's engine has no thinking budget",
+                             param="thinking_token_budget")
+        shaped = shape(body, chat=kind is not Kind.COMPLETIONS, policy=self.policy)
         await self._fit_context(shaped)
-        grant = await self._reserve(exchange, record.key_id, record.remaining_credits, shaped)
+        grant = await self._reserve(exchange, record, shaped)
         exchange.remaining_credits = grant.remaining_credits  # until the settlement says more
-        body = upstream_body(shaped, grant.max_tokens)
+        upstream = upstream_body(shaped, grant.max_tokens)
         path, timeout_s = ENGINE_PATHS[kind], self.settings.stream_timeout_s
+        model = self.upstream_config.served_model
         try:
             if shaped.stream:
                 interruptible = Interruptible(exchange.receive, self.interruptibles)
+                tracker = (anthropic.MessageStream(model=model, stop_sequences=stop_sequences)
+                           if exchange.anthropic else None)
                 end = await proxy.relay_stream(
-                    exchange, self.upstream, path, body, keep_usage=shaped.client_continuous_usage,
-                    interruptible=interruptible, timeout_s=timeout_s,
+                    exchange, self.upstream, path, upstream, keep_usage=shaped.client_continuous_usage,
+                    interruptible=interruptible, timeout_s=timeout_s, keepalive_s=self.settings.keepalive_s,
+                    tracker=tracker,
                 )
+                self.metrics.keepalives += end.tracker.keepalives
                 if end.ending in ("client", "drain"):
                     self.metrics.aborted_streams += 1
                 await self._settle(exchange, grant, end.outcome)
@@ -290,30 +315,41 @@ class Gateway:
                     return  # nobody is listening
                 if not end.started:  # drained before the engine answered
                     raise Unavailable("The server is shutting down.", headers={"Retry-After": "5"})
-                await proxy.finish_stream(exchange, end, balance=exchange.remaining_credits,
-                                          client_usage=shaped.client_usage)
+                if exchange.anthropic:
+                    await anthropic.finish_stream(exchange, end, balance=exchange.remaining_credits)
+                else:
+                    await proxy.finish_stream(exchange, end, balance=exchange.remaining_credits,
+                                              client_usage=shaped.client_usage)
             else:
                 interruptible = Interruptible(None, self.interruptibles)
                 async with interruptible:
-                    answer = await proxy.relay_whole(self.upstream, path, body, timeout_s=timeout_s)
+                    answer = await proxy.relay_whole(self.upstream, path, upstream, timeout_s=timeout_s)
                 if interruptible.reason == "drain":  # nothing is known of the work done
                     raise Unavailable("The server is shutting down.", headers={"Retry-After": "5"})
                 await self._settle(exchange, grant, answer.outcome)
-                await exchange.respond(200, answer.body)  # only once the settle is in the ledger
+                out = (anthropic.message(answer.body, stop_sequences=stop_sequences, model=model)
+                       if exchange.anthropic else answer.body)
+                await exchange.respond(200, out)  # only once the settle is in the ledger
         finally:
             if not grant.closed:  # the relay failed, or a path forgot: never leave a reservation open
                 exchange.remaining_credits = await grant.close(metering.NOTHING)
 
-    async def _reserve(self, exchange: Exchange, key_id: str, balance: int, shaped: Shaped) -> metering.Grant:
+    async def _reserve(self, exchange: Exchange, record: KeyRecord, shaped: Shaped) -> metering.Grant:
+        limits = metering.KeyLimits.resolve(
+            record, default_concurrency=self.settings.max_concurrent_per_key, default_rpm=self.settings.rate_limit_rpm
+        )
         try:
             return await metering.reserve(
-                self.store, key_id, balance, shaped, price=self.price,
+                self.store, record.key_id, record.remaining_credits, shaped, price=self.price,
                 cap=self.policy.max_tokens_cap, ttl_s=self.settings.reservation_ttl_s,
-                clock=self.clock, metrics=self.metrics, settlements=self.settlements,
+                clock=self.clock, metrics=self.metrics, settlements=self.settlements, limits=limits,
             )
         except InsufficientCredits as exc:
             exchange.remaining_credits = exc.remaining_credits
             raise metering.payment_required(exc) from None
+        except KeyLimitReached as exc:
+            self.metrics.rate_limited += 1
+            raise rate_limited(exc) from None
         except UnknownKey:  # revoked or expired since it was authenticated: the same 401
             raise Unauthorized(INVALID_KEY_MESSAGE) from None
         except StoreUnavailable:
@@ -323,8 +359,25 @@ class Gateway:
     async def _settle(exchange: Exchange, grant: metering.Grant, outcome: metering.Outcome) -> None:
         exchange.remaining_credits = await grant.close(outcome)
         charge = grant.charge
-        exchange.note = (f"tokens={charge.prompt_tokens}+{charge.completion_tokens} credits={charge.credits}"
-                         if charge else "")
+        exchange.note = (f"tokens={charge.prompt_tokens}+{charge.completion_tokens} credits={charge.credits} "
+                         f"cached={charge.cached_tokens}" if charge else "")
+
+    async def _count_tokens(self, exchange: Exchange) -> None:
+        """Anthropic's count_tokens: the engine's own count of the rendered prompt (free)."""
+        await self._authenticated(exchange)
+        if not self.state.ready:
+            raise self._unavailable()
+        raw = await exchange.read_body(self.settings.max_body_bytes)
+        body = parse_body(raw)
+        if isinstance(body, dict):
+            body = {**body, "max_tokens": 1}  # count_tokens takes no max_tokens
+        shaped = shape(anthropic.to_chat(body, thinking_budget=True), chat=True, policy=self.policy)
+        count = await self.upstream.count_prompt_tokens(shaped.body, chat=True)
+        if count is None and not self.upstream.can_tokenize:
+            raise NotFound("This deployment's engine cannot count tokens (it has no /tokenize).")
+        if count is None:
+            raise Unavailable("The engine did not count the tokens; retry shortly.", headers={"Retry-After": "1"})
+        await exchange.json(200, {"input_tokens": count})
 
     async def _fit_context(self, shaped: Shaped) -> None:
         """Hold the request to the engine's context (shaping.fit_context), asking the engine for

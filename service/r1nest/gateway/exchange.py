@@ -28,7 +28,8 @@ class ClientGone(Exception):
 
 
 class Exchange:
-    __slots__ = ("scope", "receive", "send", "status", "started", "finished", "remaining_credits", "key_id", "route", "note")
+    __slots__ = ("scope", "receive", "send", "status", "started", "finished", "remaining_credits", "key_id", "route",
+                 "note", "anthropic")
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, route: str) -> None:
         self.scope = scope
@@ -41,6 +42,7 @@ class Exchange:
         self.key_id: str | None = None
         self.route = route
         self.note = ""  # short, key-free detail for the access log (tokens, credits)
+        self.anthropic = False  # errors in the shape of Anthropic's Messages API
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -95,4 +97,4 @@ class Exchange:
         await self.respond(status, sse.encode(obj), extra=extra)
 
     async def error(self, exc: ApiError) -> None:
-        await self.json(exc.status_code, exc.body(), extra=exc.headers)
+        await self.json(exc.status_code, exc.anthropic_body() if self.anthropic else exc.body(), extra=exc.headers)

@@ -198,6 +198,26 @@ class _Connection(asyncio.Protocol):
         return self.complete and self.keep_alive and not self.lost and self.error is None
 
 
+class _Ticker:
+    """Wakes a connection's reader every `period_s` and notes that it did."""
+
+    __slots__ = ("_connection", "_period_s", "_handle", "ticked")
+
+    def __init__(self, connection: _Connection, period_s: float) -> None:
+        self._connection = connection
+        self._period_s = period_s
+        self.ticked = False
+        self._handle = connection.loop.call_later(period_s, self._tick)
+
+    def _tick(self) -> None:
+        self.ticked = True
+        self._connection._wake()
+        self._handle = self._connection.loop.call_later(self._period_s, self._tick)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 class Response:
     """A response whose body is read as it arrives. Use as an async context manager."""
 
@@ -215,18 +235,28 @@ class Response:
         connection = self._connection
         return connection.complete and not connection.chunks
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive; ConnectionFailed if the response breaks off."""
+    async def iter_chunks(self, *, tick_s: float | None = None) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive; ConnectionFailed if the response breaks off. With `tick_s`,
+        an empty chunk is yielded when a tick of that period passed without data (one timer per
+        response, not per chunk), so that the reader can act on a quiet stream."""
         connection = self._connection
-        while True:
-            if connection.chunks:
-                yield connection.take()
-            elif connection.complete:
-                return
-            elif connection.error is not None:
-                raise ConnectionFailed(connection.error)
-            else:
-                await connection.wait()
+        ticker = _Ticker(connection, tick_s) if tick_s else None
+        try:
+            while True:
+                if connection.chunks:
+                    yield connection.take()
+                elif connection.complete:
+                    return
+                elif connection.error is not None:
+                    raise ConnectionFailed(connection.error)
+                elif ticker is not None and ticker.ticked:
+                    ticker.ticked = False
+                    yield b""
+                else:
+                    await connection.wait()
+        finally:
+            if ticker is not None:
+                ticker.cancel()
 
     async def read(self, limit: int) -> bytes:
         """The whole body; ConnectionFailed beyond `limit` bytes."""

@@ -24,7 +24,7 @@ from r1nest.gateway.metrics import Metrics
 from r1nest.gateway.pricing import Price
 from r1nest.gateway.settlements import Settlements
 from r1nest.gateway.shaping import Shaped
-from r1nest.ledger.base import Reservation, Store
+from r1nest.ledger.base import KeyRecord, Reservation, Store, Usage
 
 log = logging.getLogger("r1nest.gateway.metering")
 
@@ -38,6 +38,7 @@ class Outcome:
     basis: Literal["reported", "estimated", "nothing"]
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, served from the engine's prefix cache
 
 
 NOTHING = Outcome("nothing")
@@ -49,6 +50,11 @@ class Charge:
     completion_tokens: int
     credits: int
     clamped: bool
+    cached_tokens: int = 0
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.prompt_tokens, self.cached_tokens, self.completion_tokens)
 
 
 class Grant:
@@ -86,15 +92,18 @@ class Grant:
         """Settle what the relay produced (void when nothing); the balance afterwards."""
         if outcome.basis == "nothing" or not (outcome.prompt_tokens or outcome.completion_tokens):
             return await self.void()
-        return await self.settle(outcome.prompt_tokens, outcome.completion_tokens)
+        return await self.settle(outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)
 
-    async def settle(self, prompt_tokens: int, completion_tokens: int) -> int:
+    async def settle(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
         """Charge actual usage, each part clamped to its bound (prompt to the prompt bound,
-        completion to max_tokens x choices) and the total to the reservation; the balance after."""
+        completion to max_tokens x choices, cached to the prompt) and the total to the
+        reservation; the balance after. Token counts are recorded with the settlement."""
         clamped = prompt_tokens > self.prompt_tokens_bound or completion_tokens > self.completion_tokens_bound
+        prompt_charged = min(prompt_tokens, self.prompt_tokens_bound)
+        cached_tokens = min(max(cached_tokens, 0), prompt_charged)
         credits, over = pricing.settle_amount(
-            self.price, self.credits_reserved, min(prompt_tokens, self.prompt_tokens_bound),
-            min(completion_tokens, self.completion_tokens_bound),
+            self.price, self.credits_reserved, prompt_charged,
+            min(completion_tokens, self.completion_tokens_bound), cached_tokens,
         )
         clamped = clamped or over
         if clamped:
@@ -106,7 +115,7 @@ class Grant:
             )
             prompt_tokens = min(prompt_tokens, self.prompt_tokens_bound)
             completion_tokens = min(completion_tokens, self.completion_tokens_bound)
-        return await self._close(Charge(prompt_tokens, completion_tokens, credits, clamped))
+        return await self._close(Charge(prompt_tokens, completion_tokens, credits, clamped, cached_tokens))
 
     async def void(self) -> int:
         return await self._close(Charge(0, 0, 0, False))
@@ -119,10 +128,11 @@ class Grant:
         now = self.clock()
         reservation_id = self.reservation.reservation_id
         try:
-            if charge.credits:
+            if charge.credits or charge.prompt_tokens or charge.completion_tokens:
                 # retried while the ledger is unavailable, then journaled: a delivered answer is paid
+                # (and counted in usage, even when its price is zero)
                 settled = await asyncio.shield(
-                    self.settlements.settle(reservation_id, self.reservation.key_id, charge.credits)
+                    self.settlements.settle(reservation_id, self.reservation.key_id, charge.credits, charge.usage)
                 )
                 balance = self.reservation.remaining_credits if settled is None else settled
             else:
@@ -134,7 +144,7 @@ class Grant:
         except StoreError as exc:  # a void that failed: the reservation expires and is swept
             log.error("void failed; the sweeper will void it key_id=%s error=%s", self.reservation.key_id, exc)
             return self.reservation.remaining_credits
-        self.metrics.observe_charge(charge.prompt_tokens, charge.completion_tokens, charge.credits)
+        self.metrics.observe_charge(charge.prompt_tokens, charge.completion_tokens, charge.credits, charge.cached_tokens)
         return balance
 
     async def _balance_or_estimate(self) -> int:
@@ -144,14 +154,34 @@ class Grant:
             return self.reservation.remaining_credits
 
 
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """The per-key limits a reservation is held to (None: unlimited), enforced by the store."""
+
+    max_concurrency: int | None = None
+    rate_limit_rpm: int | None = None
+
+    @classmethod
+    def resolve(cls, record: KeyRecord, *, default_concurrency: int, default_rpm: int) -> "KeyLimits":
+        """The key's own limits, else the deployment's defaults (0: no limit)."""
+        concurrency = record.max_concurrency if record.max_concurrency is not None else default_concurrency
+        rpm = record.rate_limit_rpm if record.rate_limit_rpm is not None else default_rpm
+        return cls(concurrency or None, rpm or None)
+
+
+UNLIMITED = KeyLimits()
+
+
 async def reserve(
     store: Store, key_id: str, balance: int, shaped: Shaped, *, price: Price, cap: int,
     ttl_s: float, clock: Callable[[], float], metrics: Metrics, settlements: Settlements | None = None,
+    limits: KeyLimits = UNLIMITED,
 ) -> Grant:
     """Decide max_tokens (what was asked, or the context left, at most `cap`, lowered to what
-    the balance affords) and reserve its worst case.
+    the balance affords) and reserve its worst case, within the key's limits.
 
-    InsufficientCredits (with the current balance) when not even one token is affordable.
+    InsufficientCredits (with the current balance) when not even one token is affordable;
+    KeyLimitReached when the key has as many requests in flight, or in this minute, as allowed.
     """
     limit = shaped.max_tokens_limit(cap)  # what was asked, or the context left (at most cap)
     for _ in range(RESERVE_ATTEMPTS):
@@ -163,7 +193,10 @@ async def reserve(
         max_tokens = min(limit, affordable)
         credits = pricing.cost(price, shaped.prompt_tokens_bound, max_tokens * shaped.choices)
         try:
-            reservation = await store.reserve(key_id, credits, ttl_s=ttl_s, now=clock())
+            reservation = await store.reserve(
+                key_id, credits, ttl_s=ttl_s, now=clock(),
+                max_concurrency=limits.max_concurrency, rate_limit_rpm=limits.rate_limit_rpm,
+            )
         except InsufficientCredits as exc:
             balance = exc.remaining_credits
             continue

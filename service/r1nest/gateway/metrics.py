@@ -34,18 +34,22 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
         self.latency: dict[str, _Histogram] = defaultdict(_Histogram)
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.completion_tokens = 0
         self.credits_charged = 0
         self.usage_clamped = 0
         self.aborted_streams = 0
+        self.rate_limited = 0
+        self.keepalives = 0
         self.open_requests = 0
 
     def observe_request(self, route: str, status: int, duration_s: float) -> None:
         self.requests[(route, status)] += 1
         self.latency[route].observe(duration_s)
 
-    def observe_charge(self, prompt_tokens: int, completion_tokens: int, credits: int) -> None:
+    def observe_charge(self, prompt_tokens: int, completion_tokens: int, credits: int, cached_tokens: int = 0) -> None:
         self.prompt_tokens += prompt_tokens
+        self.cached_tokens += cached_tokens
         self.completion_tokens += completion_tokens
         self.credits_charged += credits
 
@@ -69,9 +73,11 @@ class Metrics:
             lines.append(f'r1nest_request_duration_seconds_sum{{route="{route}"}} {histogram.sum_s:.6f}')
             lines.append(f'r1nest_request_duration_seconds_count{{route="{route}"}} {histogram.total}')
         lines += [
-            "# HELP r1nest_tokens_total Tokens charged, by kind (reasoning tokens are completion tokens).",
+            "# HELP r1nest_tokens_total Tokens charged, by kind (reasoning tokens are completion tokens;",
+            "# cached_prompt tokens are the prompt tokens served from the engine's prefix cache).",
             "# TYPE r1nest_tokens_total counter",
             f'r1nest_tokens_total{{kind="prompt"}} {self.prompt_tokens}',
+            f'r1nest_tokens_total{{kind="cached_prompt"}} {self.cached_tokens}',
             f'r1nest_tokens_total{{kind="completion"}} {self.completion_tokens}',
             "# HELP r1nest_credits_charged_total Credits charged at settlement.",
             "# TYPE r1nest_credits_charged_total counter",
@@ -82,6 +88,12 @@ class Metrics:
             "# HELP r1nest_aborted_streams_total Streams ended early by the client or by draining.",
             "# TYPE r1nest_aborted_streams_total counter",
             f"r1nest_aborted_streams_total {self.aborted_streams}",
+            "# HELP r1nest_rate_limited_total Requests refused by a per-key limit (429).",
+            "# TYPE r1nest_rate_limited_total counter",
+            f"r1nest_rate_limited_total {self.rate_limited}",
+            "# HELP r1nest_keepalives_total SSE keep-alive comments sent on quiet streams.",
+            "# TYPE r1nest_keepalives_total counter",
+            f"r1nest_keepalives_total {self.keepalives}",
             "# HELP r1nest_open_requests Requests in progress.",
             "# TYPE r1nest_open_requests gauge",
             f"r1nest_open_requests {self.open_requests}",

@@ -3,6 +3,10 @@
 A deployment prices tokens in credits per 1,000,000 prompt tokens and per 1,000,000 completion
 tokens (reasoning tokens are completion tokens), rounded up per request, with an optional
 minimum per request. A request that used no tokens costs nothing.
+
+Prompt tokens the engine served from its prefix cache (`prompt_tokens_details.cached_tokens`)
+cost `cached_prompt_per_mtok` instead, which is at most the prompt price (settings refuse more),
+so a reservation that prices every prompt token as a miss is always enough.
 """
 
 from __future__ import annotations
@@ -17,11 +21,18 @@ class Price:
     prompt_per_mtok: int
     completion_per_mtok: int
     min_per_request: int = 0
+    cached_prompt_per_mtok: int | None = None  # None: the prompt price
 
     def __post_init__(self) -> None:
         for name in ("prompt_per_mtok", "completion_per_mtok", "min_per_request"):
             value = getattr(self, name)
             assert isinstance(value, int) and not isinstance(value, bool) and value >= 0, name
+        cached = self.cached_prompt_per_mtok
+        assert cached is None or (isinstance(cached, int) and 0 <= cached <= self.prompt_per_mtok)
+
+    @property
+    def cached_per_mtok(self) -> int:
+        return self.prompt_per_mtok if self.cached_prompt_per_mtok is None else self.cached_prompt_per_mtok
 
     @classmethod
     def from_settings(cls, settings: object) -> "Price":
@@ -29,15 +40,21 @@ class Price:
             prompt_per_mtok=settings.price_prompt_per_mtok,  # type: ignore[attr-defined]
             completion_per_mtok=settings.price_completion_per_mtok,  # type: ignore[attr-defined]
             min_per_request=settings.price_min_per_request,  # type: ignore[attr-defined]
+            cached_prompt_per_mtok=settings.price_cached_prompt_per_mtok,  # type: ignore[attr-defined]
         )
 
 
-def cost(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
-    """Credits for a request that used these tokens: ceil of the exact price, at least the minimum."""
-    assert prompt_tokens >= 0 and completion_tokens >= 0
+def cost(price: Price, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+    """Credits for a request that used these tokens (`cached_tokens` of the prompt tokens came
+    from the prefix cache): ceil of the exact price, at least the minimum."""
+    assert prompt_tokens >= 0 and completion_tokens >= 0 and 0 <= cached_tokens <= prompt_tokens
     if prompt_tokens == 0 and completion_tokens == 0:
         return 0
-    micro_credits = prompt_tokens * price.prompt_per_mtok + completion_tokens * price.completion_per_mtok
+    micro_credits = (
+        (prompt_tokens - cached_tokens) * price.prompt_per_mtok
+        + cached_tokens * price.cached_per_mtok
+        + completion_tokens * price.completion_per_mtok
+    )
     return max(price.min_per_request, -(-micro_credits // TOKENS_PER_MTOK))
 
 
@@ -57,9 +74,11 @@ def affordable_completion_tokens(
     return min(cap, budget // (price.completion_per_mtok * choices))
 
 
-def settle_amount(price: Price, credits_reserved: int, prompt_tokens: int, completion_tokens: int) -> tuple[int, bool]:
+def settle_amount(
+    price: Price, credits_reserved: int, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+) -> tuple[int, bool]:
     """(credits to charge, clamped): the cost of actual usage, never more than was reserved."""
-    amount = cost(price, prompt_tokens, completion_tokens)
+    amount = cost(price, prompt_tokens, completion_tokens, cached_tokens)
     if amount > credits_reserved:
         return credits_reserved, True
     return amount, False

@@ -1,40 +1,30 @@
-"""Per-key request rate limit (429 + Retry-After): a token bucket per key id, in this process.
+"""Per-key limits as HTTP answers: 429 `rate_limited` with Retry-After.
 
-`rate_limit_rpm` requests per minute, with bursts of up to a tenth of that (at least one).
-Off when the setting is 0. Bounded: at most MAX_TRACKED_KEYS buckets; the stalest go first.
+The limits themselves (`max_concurrency`: requests in flight; `rate_limit_rpm`: requests per
+fixed 60 s window) are enforced by the ledger store when it reserves credits, atomically with
+the balance check (ledger/base.py), so they hold across every gateway process and replica that
+shares the store. Each key may carry its own limits; otherwise the deployment's defaults apply
+(R1NEST_MAX_CONCURRENT_PER_KEY, R1NEST_RATE_LIMIT_RPM; 0: no limit).
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections import OrderedDict
-from typing import Callable
 
-MAX_TRACKED_KEYS = 100_000
+from r1nest.errors import KeyLimitReached, RateLimited
 
-
-class RateLimiter:
-    def __init__(self, requests_per_minute: int, *, clock: Callable[[], float] = time.monotonic) -> None:
-        assert requests_per_minute > 0
-        self.rate_per_s = requests_per_minute / 60.0
-        self.burst = max(1.0, requests_per_minute / 10.0)
-        self.clock = clock
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key id -> (tokens, at)
-
-    def acquire(self, key_id: str) -> float | None:
-        """None if the request may go; else the seconds to wait before retrying."""
-        now = self.clock()
-        tokens, at = self._buckets.pop(key_id, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate_per_s)
-        allowed = tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
-        self._buckets[key_id] = (tokens, now)
-        if len(self._buckets) > MAX_TRACKED_KEYS:
-            self._buckets.popitem(last=False)
-        return None if allowed else (1.0 - tokens) / self.rate_per_s
+MESSAGES = {
+    "max_concurrency": "Too many requests in flight for this key; retry when one has finished.",
+    "rate_limit_rpm": "Too many requests for this key this minute; retry after the time in Retry-After.",
+}
 
 
 def retry_after_header(wait_s: float) -> str:
     return str(max(1, math.ceil(wait_s)))
+
+
+def rate_limited(exc: KeyLimitReached) -> RateLimited:
+    return RateLimited(
+        MESSAGES.get(exc.limit, "Too many requests for this key."),
+        headers={"Retry-After": retry_after_header(exc.retry_after_s)},
+    )

@@ -17,12 +17,16 @@ from enum import Enum
 class Kind(Enum):
     CHAT = "chat_completions"
     COMPLETIONS = "completions"
+    MESSAGES = "messages"
+    COUNT_TOKENS = "count_tokens"
     MODELS = "models"
     CREDITS = "credits"
+    USAGE = "usage"
     HEALTH = "health"
     METRICS = "metrics"
     ADMIN_KEYS = "admin_keys"
     ADMIN_KEY_ACTION = "admin_key_action"
+    ADMIN_USAGE = "admin_usage"
     OVERVIEW = "overview"
 
 
@@ -31,7 +35,7 @@ class Match:
     kind: Kind
     methods: frozenset[str]
     key_id: str | None = None
-    action: str | None = None  # admin: revoke | topup | usage
+    action: str | None = None  # admin: revoke | topup | usage | limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,14 +47,21 @@ class NoMatch:
 _EXACT: dict[bytes, tuple[Kind, frozenset[str]]] = {
     b"/v1/chat/completions": (Kind.CHAT, frozenset({"POST"})),
     b"/v1/completions": (Kind.COMPLETIONS, frozenset({"POST"})),
+    b"/v1/messages": (Kind.MESSAGES, frozenset({"POST"})),
+    b"/v1/messages/count_tokens": (Kind.COUNT_TOKENS, frozenset({"POST"})),
     b"/v1/models": (Kind.MODELS, frozenset({"GET"})),
     b"/v1/credits": (Kind.CREDITS, frozenset({"GET"})),
+    b"/v1/usage": (Kind.USAGE, frozenset({"GET"})),
     b"/health": (Kind.HEALTH, frozenset({"GET"})),
     b"/metrics": (Kind.METRICS, frozenset({"GET"})),
     b"/admin/keys": (Kind.ADMIN_KEYS, frozenset({"GET", "POST"})),
+    b"/admin/usage": (Kind.ADMIN_USAGE, frozenset({"GET"})),
 }
-_ADMIN_ACTION = re.compile(rb"^/admin/keys/([0-9a-f]{12})/(revoke|topup|usage)$")
-_ADMIN_ACTION_METHODS = {b"revoke": frozenset({"POST"}), b"topup": frozenset({"POST"}), b"usage": frozenset({"GET"})}
+_ADMIN_ACTION = re.compile(rb"^/admin/keys/([0-9a-f]{12})/(revoke|topup|usage|limits)$")
+_ADMIN_ACTION_METHODS = {
+    b"revoke": frozenset({"POST"}), b"topup": frozenset({"POST"}), b"usage": frozenset({"GET"}),
+    b"limits": frozenset({"POST"}),
+}
 # /overview, /overview/login, /overview/logout, /overview/static/<name>[/<name>...]; each
 # segment plain (no dot-only segments, no escapes, no empty segments).
 _OVERVIEW = re.compile(

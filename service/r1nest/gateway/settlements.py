@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from r1nest.errors import InvalidLedgerArgument, ReservationClosed, StoreError, StoreUnavailable
-from r1nest.ledger.base import Store
+from r1nest.ledger.base import Store, Usage
 
 log = logging.getLogger("r1nest.gateway.settlements")
 
@@ -41,6 +41,13 @@ class PendingSettle:
     reservation_id: str
     key_id: str
     credits: int
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.prompt_tokens, self.cached_tokens, self.completion_tokens)
 
 
 class Settlements:
@@ -56,20 +63,23 @@ class Settlements:
             for entry in _read_journal(journal_path):
                 self.pending[entry.reservation_id] = entry
 
-    async def settle(self, reservation_id: str, key_id: str, credits: int) -> int | None:
+    async def settle(self, reservation_id: str, key_id: str, credits: int, usage: Usage | None = None) -> int | None:
         """Settle now (retrying an unavailable store for INLINE_RETRY_S); the balance after, or
         None when the charge was journaled for later. ReservationClosed passes through."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + INLINE_RETRY_S
         backoff = FIRST_BACKOFF_S
+        usage = usage or Usage()
         while True:
-            try:
-                return await self.store.settle(reservation_id, credits, now=self.clock())  # the caller shields
+            try:  # the caller shields
+                return await self.store.settle(reservation_id, credits, now=self.clock(), usage=usage)
             except ReservationClosed:
                 raise
             except StoreError as exc:
                 if not isinstance(exc, StoreUnavailable) or loop.time() + backoff > deadline:
-                    await self._journal(PendingSettle(reservation_id, key_id, credits), exc)
+                    entry = PendingSettle(reservation_id, key_id, credits, usage.prompt_tokens,
+                                          usage.cached_tokens, usage.completion_tokens)
+                    await self._journal(entry, exc)
                     return None
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
@@ -89,7 +99,7 @@ class Settlements:
                 return 0
             for entry in list(self.pending.values()):
                 try:
-                    await self.store.settle(entry.reservation_id, entry.credits, now=self.clock())
+                    await self.store.settle(entry.reservation_id, entry.credits, now=self.clock(), usage=entry.usage)
                 except ReservationClosed:
                     log.error("a journaled settlement found its reservation closed (settled before, "
                               "or voided) key_id=%s credits=%d", entry.key_id, entry.credits)
@@ -122,7 +132,12 @@ def _read_journal(path: Path) -> list[PendingSettle]:
     for line in lines:
         try:
             data = json.loads(line)
-            entries.append(PendingSettle(str(data["reservation_id"]), str(data["key_id"]), int(data["credits"])))
+            entries.append(PendingSettle(
+                str(data["reservation_id"]), str(data["key_id"]), int(data["credits"]),
+                # journals written before token counts were recorded have none
+                int(data.get("prompt_tokens", 0)), int(data.get("cached_tokens", 0)),
+                int(data.get("completion_tokens", 0)),
+            ))
         except (ValueError, KeyError, TypeError):  # a torn last line from a crash mid-append
             log.error("skipping an unreadable line of %s", path)
     return entries

@@ -59,6 +59,7 @@ COMMON_FIELDS = frozenset({
 })
 CHAT_FIELDS = COMMON_FIELDS | frozenset({
     "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
+    "thinking_token_budget",
 })
 COMPLETION_FIELDS = COMMON_FIELDS | frozenset({"prompt", "echo", "suffix"})
 ENGINE_CONTROL_FIELDS = frozenset({

@@ -33,6 +33,7 @@ class StreamFormatError(ValueError):
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of prompt_tokens, from the engine's prefix cache
 
 
 class EventSplitter:
@@ -116,7 +117,9 @@ def usage_of(chunk: dict[str, Any]) -> Usage | None:
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if not _is_count(prompt) or not _is_count(completion):
         return None
-    return Usage(prompt, completion)
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(prompt, completion, min(cached, prompt) if _is_count(cached) else 0)
 
 
 def _is_count(value: object) -> bool:
@@ -159,6 +162,7 @@ _USAGE_KEY = b',"usage":'
 # A count is digits followed by `,` or `}`: `1e30` or `1.5` is no count (the JSON way decides).
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens":(\d+)(?=[,}])')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":(\d+)(?=[,}])')
+_CACHED_TOKENS = re.compile(rb'"cached_tokens":(\d+)(?=[,}])')
 # vLLM's own layout of a usage object (continuous usage stats): read with one anchored match.
 _VLLM_USAGE_PREFIX = b',"usage":{"prompt_tokens":'
 _VLLM_USAGE = re.compile(rb',"usage":\{"prompt_tokens":(\d+),"total_tokens":\d+,"completion_tokens":(\d+)(?:,"[a-z_]+":null)*\}')
@@ -215,6 +219,11 @@ def _rewrite_fast(payload: bytes, keep_usage: bool) -> ChunkInfo | None:
         completion = _COMPLETION_TOKENS.search(payload, span[0], span[1])
         if prompt is not None and completion is not None:
             usage = Usage(int(prompt.group(1)), int(completion.group(1)))
+            if payload.find(b'"cached_tokens"', span[0], span[1]) >= 0:
+                cached = _CACHED_TOKENS.search(payload, span[0], span[1])
+                if cached is None:
+                    return None  # not a plain count: the JSON way decides
+                usage = Usage(usage.prompt_tokens, usage.completion_tokens, min(int(cached.group(1)), usage.prompt_tokens))
         elif payload.find(b'"prompt_tokens"', span[0], span[1]) >= 0:
             return None  # counts that are not plain integers: the JSON way reads them as no usage
     if b'"choices":[]' in payload:

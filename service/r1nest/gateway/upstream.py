@@ -146,6 +146,11 @@ class Upstream:
                 self._context_tokens = length
         return self._context_tokens
 
+    @property
+    def can_tokenize(self) -> bool:
+        """Whether the engine's /tokenize counts prompts (until it showed that it does not)."""
+        return self._can_tokenize
+
     async def count_prompt_tokens(self, body: dict[str, Any], *, chat: bool) -> int | None:
         """The exact prompt length of a completion body as the engine will render it, or None
         when the engine cannot say (no /tokenize, a failure, more than one prompt)."""

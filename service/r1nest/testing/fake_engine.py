@@ -53,6 +53,7 @@ class Behavior:
     hold_s: float = 30.0  # (a stream that stays open, whatever the scheduler, until the test acts)
     omit_usage: bool = False  # no usage anywhere, even when asked
     absurd_usage: bool = False  # usage reports ABSURD_TOKENS completion tokens
+    cached_tokens: int = 0  # prompt tokens reported as read from the prefix cache (at most the prompt)
     api_key: str | None = None  # when set, requests need `Authorization: Bearer <api_key>`
     served_model: str = "fake-r1"
     context_length: int = 4096  # max_model_len
@@ -201,14 +202,17 @@ class _EngineApp:
         finally:
             self.engine._counters.running -= 1
 
-    def _usage(self, behavior: Behavior, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    def _usage(self, behavior: Behavior, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         if behavior.absurd_usage:
             completion_tokens = ABSURD_TOKENS
-        return {
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "completion_tokens": completion_tokens,
         }
+        if behavior.cached_tokens:  # vLLM with --enable-prompt-tokens-details
+            usage["prompt_tokens_details"] = {"cached_tokens": min(behavior.cached_tokens, prompt_tokens)}
+        return usage
 
     async def _whole(self, payload: dict[str, Any], *, chat: bool, behavior: Behavior) -> web.Response:
         reasoning, content, finish = token_texts(behavior, payload.get("max_tokens"))
