@@ -35,10 +35,28 @@ SETTINGS_ENV = {
 }
 
 
+# The qwen2 server prices prompt-cache hits apart (vLLM's CPU build caches prefixes for it, not
+# for the MLA model), one credit per token below a miss, and sends keep-alive comments after a
+# short quiet time (a long prompt's prefill is one).
+PRICE_CACHED_PROMPT_PER_MTOK = 500_000
+QWEN2_SETTINGS_ENV = {
+    **SETTINGS_ENV,
+    "R1NEST_PRICE_CACHED_PROMPT_PER_MTOK": str(PRICE_CACHED_PROMPT_PER_MTOK),
+    "R1NEST_KEEPALIVE_S": "0.05",
+}
+
+
 @pytest.fixture(scope="session")
 def price() -> Price:
     """The price the servers charge (the gateway's own integer pricing applies it)."""
     return Price(prompt_per_mtok=PRICE_PROMPT_PER_MTOK, completion_per_mtok=PRICE_COMPLETION_PER_MTOK)
+
+
+@pytest.fixture(scope="session")
+def cached_price() -> Price:
+    """The qwen2 server's price: cache hits at PRICE_CACHED_PROMPT_PER_MTOK."""
+    return Price(prompt_per_mtok=PRICE_PROMPT_PER_MTOK, completion_per_mtok=PRICE_COMPLETION_PER_MTOK,
+                 cached_prompt_per_mtok=PRICE_CACHED_PROMPT_PER_MTOK)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -72,7 +90,7 @@ class Kind:
 # The servers a session can use, by kind: the fixture that gives it, its model, its settings.
 KINDS = {
     "deepseek_v3": Kind("serve_v3", "deepseek_v3", SETTINGS_ENV),
-    "qwen2": Kind("serve_qwen2", "qwen2", SETTINGS_ENV),
+    "qwen2": Kind("serve_qwen2", "qwen2", QWEN2_SETTINGS_ENV),
     "examples": Kind("serve_examples", "deepseek_v3",
                      {**SETTINGS_ENV, "R1NEST_MAX_TOKENS_CAP": str(EXAMPLES_MAX_TOKENS_CAP)}),
 }

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.engine
 
 
 
-def test_chat_with_the_openai_sdk(serve_qwen2: Served, price: Price) -> None:
+def test_chat_with_the_openai_sdk(serve_qwen2: Served, cached_price: Price) -> None:
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{serve_qwen2.url}/v1", api_key=serve_qwen2.key, max_retries=0, timeout=120)
@@ -31,10 +31,13 @@ def test_chat_with_the_openai_sdk(serve_qwen2: Served, price: Price) -> None:
     message = completion.choices[0].message
     assert message.reasoning_content == SCRIPT_REASONING
     assert message.content.strip().startswith("Hello from")
-    assert serve_qwen2.credits() == before - cost(price, completion.usage.prompt_tokens, completion.usage.completion_tokens)
+    details = completion.usage.prompt_tokens_details
+    cached = (details.cached_tokens or 0) if details else 0
+    assert serve_qwen2.credits() == before - cost(
+        cached_price, completion.usage.prompt_tokens, completion.usage.completion_tokens, cached)
 
 
-def test_sigterm_drains_open_streams_then_stops_the_engine(serve_qwen2: Served, price: Price) -> None:
+def test_sigterm_drains_open_streams_then_stops_the_engine(serve_qwen2: Served, cached_price: Price) -> None:
     """Runs last in this module: it stops the shared server."""
     before = serve_qwen2.credits()
     engine_pid = serve_qwen2.engine_pid
@@ -99,4 +102,5 @@ def test_sigterm_drains_open_streams_then_stops_the_engine(serve_qwen2: Served, 
         finally:
             await store.close()
 
-    assert asyncio.run(balance()) == before - cost(price, usage["prompt_tokens"], usage["completion_tokens"])
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    assert asyncio.run(balance()) == before - cost(cached_price, usage["prompt_tokens"], usage["completion_tokens"], cached)
