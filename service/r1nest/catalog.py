@@ -11,6 +11,12 @@ KV cache bytes per token (what the planner divides free GPU memory by):
 - GQA (Qwen2 / Llama distills) caches K and V for every KV head:
   2 x layers x kv_heads x head_dim x dtype bytes.
 
+Weights revision: every Hub entry is pinned to one commit of its model repository (a 40-hex sha,
+passed to the engine as `--revision` and to every download), so a deployment serves the same
+bytes next month as today. An entry whose commit no public record establishes says so: its
+revision is UNPINNED and `revision_source` says why; the engine then loads the repository's main
+branch and the launcher and `r1nest doctor` record the commit that was actually downloaded.
+
 `local_model(path)` derives the same description from a checkpoint directory's `config.json` (the
 tiny random-weight test models that `r1nest dev tiny-model` writes).
 """
@@ -18,6 +24,7 @@ tiny random-weight test models that `r1nest dev tiny-model` writes).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +40,10 @@ DTYPE_BYTES: dict[str, int] = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
 # DeepSeek's usage recommendations (R1 README "Usage Recommendations"; NVIDIA NIM card).
 DEEPSEEK_TEMPERATURE = 0.6
 DEEPSEEK_TOP_P = 0.95
+
+# A Hugging Face commit: what `revision` pins. UNPINNED marks an entry without a citable commit.
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+UNPINNED = "unpinned"
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,18 @@ class ModelSpec:
     notes: str = ""
     sources: tuple[str, ...] = field(default_factory=tuple)
     is_local: bool = False
+    # weights revision: a 40-hex Hub commit, UNPINNED, or "" for a local checkpoint directory
+    revision: str = ""
+    revision_source: str = ""  # where the commit is recorded; for UNPINNED, why there is none
+
+    @property
+    def revision_pinned(self) -> bool:
+        return bool(COMMIT_RE.match(self.revision))
+
+    @property
+    def engine_revision(self) -> str | None:
+        """What the engine's --revision and every download get: the commit, or None (main)."""
+        return self.revision if self.revision_pinned else None
 
     @property
     def is_moe(self) -> bool:
@@ -137,6 +160,19 @@ _R1_SOURCES = (
     "https://github.com/deepseek-ai/DeepSeek-R1 (README: models, usage recommendations)",
 )
 
+# --- weights revisions -----------------------------------------------------------------------
+# Each commit below is one the Hub served as the repository's main branch: the Hub names a
+# downloaded snapshot directory after its commit (hub/models--<org>--<name>/snapshots/<sha>), and
+# each of these shas is recorded that way, or as an explicit `revision=` pin, by several unrelated
+# public projects (docs/models.md, "Weights revisions", lists them). For DeepSeek-R1 the Hub's own
+# model metadata (`sha`) is recorded too. None of them is typed from memory.
+
+
+def _snapshot_source(repo: str, revision: str) -> str:
+    return (f"https://huggingface.co/{repo}/commit/{revision} (the snapshot the Hub served for main, "
+            "recorded by independent public projects)")
+
+
 # --- the distills ----------------------------------------------------------------------------
 # Shapes: each distill's config.json (= its base model's): layers, attention heads, KV heads,
 # head_dim = hidden_size / heads = 128 for all six; max_position_embeddings 131072.
@@ -157,6 +193,7 @@ def _distill(
     kv_heads: int,
     base: str,
     licence: str,
+    revision: str,
 ) -> ModelSpec:
     return ModelSpec(
         id=id,
@@ -179,6 +216,8 @@ def _distill(
             f"https://huggingface.co/{repo} (card, config.json)",
             "https://github.com/deepseek-ai/DeepSeek-R1 (README: distilled models, licence)",
         ),
+        revision=revision,
+        revision_source=_snapshot_source(repo, revision),
     )
 
 
@@ -191,6 +230,12 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             id="deepseek-r1",
             hf_repo="deepseek-ai/DeepSeek-R1",
+            revision="56d4cbbb4d29f4355bab4b9a39ccb717a14ad5ad",
+            revision_source=(
+                "https://huggingface.co/deepseek-ai/DeepSeek-R1/commit/56d4cbbb4d29f4355bab4b9a39ccb717a14ad5ad "
+                "(what the Hub's model metadata reports as main, `sha`; also pinned by independent public "
+                "projects)"
+            ),
             forces_think_prefix=True,
             notes=(
                 "The chat template ends the prompt with '<think>\\n' so the model always reasons; "
@@ -203,6 +248,9 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             id="deepseek-r1-0528",
             hf_repo="deepseek-ai/DeepSeek-R1-0528",
+            revision="4236a6af538feda4548eca9ab308586007567f52",
+            revision_source=_snapshot_source("deepseek-ai/DeepSeek-R1-0528",
+                                             "4236a6af538feda4548eca9ab308586007567f52"),
             forces_think_prefix=False,
             system_prompt_supported=True,
             tool_call_parser_vllm="deepseek_v3",
@@ -222,6 +270,13 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             id="deepseek-r1-zero",
             hf_repo="deepseek-ai/DeepSeek-R1-Zero",
+            revision=UNPINNED,
+            revision_source=(
+                "no public record shows which commit the Hub serves as main: the only commit seen is "
+                "9cc4dfb (a README revision, through a Hub mirror), with nothing to say it is the "
+                "newest or that it carries the final weights and tokenizer. The engine loads main; the "
+                "launcher and `r1nest doctor` record the commit actually downloaded"
+            ),
             forces_think_prefix=False,
             notes=(
                 "Research model (RL without SFT): the card warns of endless repetition, poor "
@@ -235,30 +290,53 @@ MODELS: dict[str, ModelSpec] = {
         # Qwen2.5-Math-1.5B: 28 layers, 12 heads, 2 KV heads; 1.78B params (untied embeddings)
         _distill("deepseek-r1-distill-qwen-1.5b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
                  "qwen2", 1_777_088_000, 28, 12, 2, "Qwen2.5-Math-1.5B",
-                 _QWEN_LICENCE.format(base="Qwen2.5-Math-1.5B")),
+                 _QWEN_LICENCE.format(base="Qwen2.5-Math-1.5B"),
+                 "ad9f0ae0864d7fbcd1cd905e3c6c5b069cc8b562"),
         # Qwen2.5-Math-7B: 28 layers, 28 heads, 4 KV heads; 7.62B params
         _distill("deepseek-r1-distill-qwen-7b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
                  "qwen2", 7_615_616_512, 28, 28, 4, "Qwen2.5-Math-7B",
-                 _QWEN_LICENCE.format(base="Qwen2.5-Math-7B")),
+                 _QWEN_LICENCE.format(base="Qwen2.5-Math-7B"),
+                 "916b56a44061fd5cd7d6a8fb632557ed4f724f60"),
         # Llama-3.1-8B: 32 layers, 32 heads, 8 KV heads; 8.03B params
         _distill("deepseek-r1-distill-llama-8b", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
                  "llama", 8_030_261_248, 32, 32, 8, "Llama-3.1-8B",
-                 _LLAMA_LICENCE.format(base="Llama-3.1-8B", licence="Llama 3.1 Community License")),
+                 _LLAMA_LICENCE.format(base="Llama-3.1-8B", licence="Llama 3.1 Community License"),
+                 "6a6f4aa4197940add57724a7707d069478df56b1"),
         # Qwen2.5-14B: 48 layers, 40 heads, 8 KV heads; 14.8B params
         _distill("deepseek-r1-distill-qwen-14b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B",
                  "qwen2", 14_770_033_664, 48, 40, 8, "Qwen2.5-14B",
-                 _QWEN_LICENCE.format(base="Qwen2.5-14B")),
+                 _QWEN_LICENCE.format(base="Qwen2.5-14B"),
+                 "1df8507178afcc1bef68cd8c393f61a886323761"),
         # Qwen2.5-32B: 64 layers, 40 heads, 8 KV heads; 32.8B params
         _distill("deepseek-r1-distill-qwen-32b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B",
                  "qwen2", 32_763_876_352, 64, 40, 8, "Qwen2.5-32B",
-                 _QWEN_LICENCE.format(base="Qwen2.5-32B")),
+                 _QWEN_LICENCE.format(base="Qwen2.5-32B"),
+                 "711ad2ea6aa40cfca18895e8aca02ab92df1a746"),
         # Llama-3.3-70B-Instruct: 80 layers, 64 heads, 8 KV heads; 70.6B params
         _distill("deepseek-r1-distill-llama-70b", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B",
                  "llama", 70_553_706_496, 80, 64, 8, "Llama-3.3-70B-Instruct",
                  _LLAMA_LICENCE.format(base="Llama-3.3-70B-Instruct",
-                                       licence="Llama 3.3 Community License")),
+                                       licence="Llama 3.3 Community License"),
+                 "b1c0b44b4369b597ad119a196caf79a9c40e141e"),
     )
 }
+
+
+def revision_problem(spec: ModelSpec) -> str | None:
+    """Why `spec`'s weights revision is not acceptable, or None.
+
+    A Hub entry needs a 40-hex commit with the place it is recorded, or UNPINNED with the reason;
+    a local checkpoint directory has no revision.
+    """
+    if spec.is_local:
+        return None if not spec.revision else f"{spec.id}: a local checkpoint has no Hub revision"
+    if spec.revision_pinned:
+        return None if spec.revision_source.strip() else f"{spec.id}: pinned to {spec.revision} without a source"
+    if spec.revision == UNPINNED:
+        return None if spec.revision_source.strip() else f"{spec.id}: unpinned without a reason"
+    if not spec.revision:
+        return f"{spec.id}: no weights revision (a 40-hex Hub commit, or {UNPINNED!r} with the reason)"
+    return f"{spec.id}: revision {spec.revision!r} is neither a 40-hex Hub commit nor {UNPINNED!r}"
 
 
 def get_model(model_id: str) -> ModelSpec:

@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("r1nest.serve", "serve", "Run engine + gateway + ledger on this machine."),
     "gateway": ("r1nest.gateway.cli", "gateway", "Run the gateway in front of a running engine."),
     "keys": ("r1nest.keys_cli", "keys", "Create, list, revoke and top up API keys."),
+    "ledger": ("r1nest.ledger.cli", "ledger", "The credit ledger: apply schema migrations."),
+    "usage": ("r1nest.usage_cli", "usage", "Requests, tokens and credits per hour or day."),
     "plan": ("r1nest.planner_cli", "plan", "Pick hardware and the engine launch for a model."),
     "overview": ("r1nest.overview.cli", "overview", "Render a deployment's overview page."),
     "status": ("r1nest.cloud.status", "status", "State, health and GPU quota of an AWS deployment."),

@@ -1,9 +1,12 @@
 """`r1nest doctor`: can this box serve the model, before 20 minutes of weight loading say it cannot.
 
 The probes in `r1nest.gpu_probe` collect facts (GPUs and a real FP8 GEMM on each, kernel imports,
-fabric, disk); `diagnose()` below turns facts into checks and a verdict without any I/O, and asks
-the planner what it would run here. Exit status: 0 when the box can serve the model, 1 when it
-cannot (the first failing check says why).
+fabric, disk, the weights commits in the Hugging Face cache); `diagnose()` below turns facts into
+checks and a verdict without any I/O, and asks the planner what it would run here (for the fabric
+it finds: EFA, InfiniBand or unknown). It reports the attention backend the plan names and, when
+`r1nest serve` ran an engine here, the backend and weights commit that engine reported
+(`engine-observed.json` in the data dir, written by r1nest.engines.launcher). Exit status: 0
+when the box can serve the model, 1 when it cannot (the first failing check says why).
 
 JSON output (`--json`) has a fixed shape, versioned by `schema_version`; see `DoctorReport.to_json`.
 """
@@ -13,12 +16,14 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import click
 
-from r1nest.catalog import ModelSpec, resolve_model
+from r1nest.catalog import COMMIT_RE, ModelSpec, resolve_model
+from r1nest.engines.base import Fabric, flag_value
 from r1nest.errors import PlanError
 from r1nest.gpu_probe import (
     FP8_CHECK_MAX_REL_ERROR,
@@ -30,6 +35,7 @@ from r1nest.gpu_probe import (
     Probes,
 )
 from r1nest.hardware import GIB, GPUS, GpuModel, HardwareClass
+from r1nest.planner import MAX_NODES
 
 SCHEMA_VERSION = 1
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -59,6 +65,14 @@ class Check:
 
 
 @dataclass(frozen=True)
+class WeightsFacts:
+    """The model's commits in the Hugging Face cache: snapshot directories and refs (main -> sha)."""
+
+    snapshots: tuple[str, ...] = ()
+    refs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class DoctorReport:
     model: ModelSpec
     engine: str
@@ -68,6 +82,8 @@ class DoctorReport:
     checks: tuple[Check, ...]
     backends: dict[str, str]
     plan: dict[str, Any] | None
+    weights: WeightsFacts = field(default_factory=WeightsFacts)
+    reported: dict[str, str] = field(default_factory=dict)  # what a running engine reported
 
     @property
     def ok(self) -> bool:
@@ -123,6 +139,14 @@ class DoctorReport:
             },
             "plan": self.plan,
             "checks": [asdict(c) for c in self.checks],
+            "weights": {
+                "revision": self.model.revision,
+                "pinned": self.model.revision_pinned,
+                "revision_source": self.model.revision_source,
+                "cached_revisions": list(self.weights.snapshots),
+                "refs": dict(self.weights.refs),
+            },
+            "engine_reported": dict(self.reported),
         }
 
 
@@ -199,13 +223,17 @@ def expected_backends(
     kv_cache_dtype: str = "auto",
     engine_env: dict[str, str] | None = None,
     nodes: int = 1,
+    profile_args: tuple[str, ...] = (),
 ) -> dict[str, str]:
     """Which kernels the engine should pick here, from the hardware and what imports.
 
-    This is the expectation; the engine's log says what it chose (scripts/gpu-proof greps it).
-    Rules follow vLLM's selection on each architecture: MLA on Hopper uses FlashAttention-3 MLA,
-    or FlashMLA when the KV cache is FP8; FP8 block GEMMs use DeepGEMM unless VLLM_USE_DEEP_GEMM=0,
-    else CUTLASS; MoE uses DeepGEMM grouped GEMMs on Hopper/Blackwell when enabled, else Triton.
+    This is the expectation; the engine's log says what it chose (the launcher records it, and
+    scripts/gpu-proof greps it). A backend the plan names (`--attention-backend`, the expert
+    all-to-all flag) is what the engine runs. Otherwise the rules follow each engine's own
+    selection: vLLM's MLA on Hopper is FlashAttention-3 MLA, or FlashMLA with an FP8 KV cache;
+    SGLang's MLA on Hopper is fa3 (sgl-kernel's FlashAttention-3); FP8 block GEMMs use DeepGEMM
+    unless VLLM_USE_DEEP_GEMM=0, else CUTLASS; MoE uses DeepGEMM grouped GEMMs on Hopper/Blackwell
+    when enabled, else Triton.
     """
     env = engine_env or {}
     if hardware_class == "cpu":
@@ -215,7 +243,10 @@ def expected_backends(
     deep_gemm = modules.get("deep_gemm", False) and env.get("VLLM_USE_DEEP_GEMM", "1") != "0"
     hopper_plus = hardware_class in ("hopper", "blackwell")
     backends: dict[str, str] = {}
-    if engine == "vllm":
+    named = flag_value(profile_args, "--attention-backend")
+    if named:
+        backends["attention"] = named
+    elif engine == "vllm":
         forced = env.get("VLLM_ATTENTION_BACKEND")
         if forced:
             backends["attention"] = f"{forced} (forced by VLLM_ATTENTION_BACKEND)"
@@ -228,10 +259,7 @@ def expected_backends(
         else:
             backends["attention"] = "FLASH_ATTN" if hardware_class in ("hopper", "ampere") else "FLASHINFER"
     else:
-        backends["attention"] = (
-            "flashmla" if model.uses_mla and hardware_class == "hopper" and modules.get("flashmla") else
-            "fa3" if hardware_class == "hopper" else "triton"
-        )
+        backends["attention"] = "fa3" if hardware_class == "hopper" else "triton"
     if model.weight_dtype == "fp8":
         backends["fp8_linear"] = (
             "DeepGEMM (block FP8)" if deep_gemm and hopper_plus else
@@ -241,7 +269,10 @@ def expected_backends(
         )
     if model.is_moe:
         backends["moe"] = "DeepGEMM grouped FP8" if deep_gemm and hopper_plus and model.weight_dtype == "fp8" else "Triton fused MoE"
-        if nodes > 1:
+        a2a = flag_value(profile_args, "--all2all-backend" if engine == "vllm" else "--moe-a2a-backend")
+        if nodes > 1 and a2a:
+            backends["all2all"] = a2a + (" (DeepEP: needs InfiniBand IBGDA)" if "deepep" in a2a else " (NCCL)")
+        elif nodes > 1:
             backends["all2all"] = "DeepEP" if modules.get("deep_ep") else "allgather/reduce-scatter (DeepEP missing)"
     return backends
 
@@ -256,6 +287,29 @@ def _kv_cache_dtype(args: tuple[str, ...] | list[str]) -> str:
     return "auto"
 
 
+def fabric_of(net: NetworkFacts) -> Fabric:
+    """The fabric between nodes as the planner names it: EFA devices, else InfiniBand ones."""
+    if net.efa_devices:
+        return "efa"
+    return "infiniband" if net.infiniband_devices else "unknown"
+
+
+def read_weights_facts(cache_dir: Path, hf_repo: str) -> WeightsFacts:
+    """The commits of `hf_repo` the Hugging Face cache holds (snapshot dirs, refs/*)."""
+    repo_dir = cache_dir / ("models--" + hf_repo.replace("/", "--"))
+    snapshots = tuple(sorted(p.name for p in (repo_dir / "snapshots").glob("*")
+                             if p.is_dir() and COMMIT_RE.match(p.name)))
+    refs = {}
+    for ref in sorted((repo_dir / "refs").glob("*")):
+        try:
+            commit = ref.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if COMMIT_RE.match(commit):
+            refs[ref.name] = commit
+    return WeightsFacts(snapshots, refs)
+
+
 # --- the verdict ---------------------------------------------------------------------------------
 
 Planner = Callable[..., Any]
@@ -268,8 +322,14 @@ def diagnose(
     engine: str = "vllm",
     nodes: int = 1,
     planner: Planner | None = None,
+    weights: WeightsFacts | None = None,
+    reported: dict[str, str] | None = None,
 ) -> DoctorReport:
-    """Facts -> checks, expected backends and the planner's verdict. No I/O."""
+    """Facts -> checks, expected backends and the planner's verdict. No I/O.
+
+    `weights`: the model's commits in the Hub cache; `reported`: what an engine r1nest ran here
+    recorded (engine-observed.json), used when it is this model on this engine.
+    """
     hw_class = hardware_class_of(facts.gpus)
     checks = [
         *_gpu_checks(facts.gpus, model, hw_class),
@@ -280,25 +340,74 @@ def diagnose(
         *_fabric_checks(facts.network, nodes),
         *_disk_checks(facts.disk, model),
     ]
+    weights = weights or WeightsFacts()
+    reported = {k: v for k, v in (reported or {}).items()
+                if (reported or {}).get("engine") == engine and (reported or {}).get("model") == model.hf_repo}
+    checks.extend(_weights_checks(model, weights, reported))
     plan_json: dict[str, Any] | None = None
     profile_env: dict[str, str] = {}
+    profile_args: tuple[str, ...] = ()
     kv_dtype = "auto"
     if planner is not None and hw_class is not None:
         try:
-            result = planner(model, engine=engine, nodes=nodes, hardware_class=hw_class, gpus=facts.gpus)
+            result = planner(model, engine=engine, nodes=nodes, hardware_class=hw_class, gpus=facts.gpus,
+                             fabric=fabric_of(facts.network))
         except PlanError as exc:
             checks.append(Check("plan", "fail", f"the planner refuses: {exc}"))
         else:
             plan_json = result.to_json() if hasattr(result, "to_json") else dict(result)
             profile = getattr(result, "profile", None)
             profile_env = dict(getattr(profile, "env", {}) or {})
-            kv_dtype = getattr(profile, "kv_cache_dtype", None) or _kv_cache_dtype(
-                tuple(getattr(profile, "args", ()) or ()))
+            profile_args = tuple(getattr(profile, "args", ()) or ())
+            kv_dtype = getattr(profile, "kv_cache_dtype", None) or _kv_cache_dtype(profile_args)
             checks.append(Check("plan", "ok", _plan_summary(plan_json)))
     backends = {} if hw_class == "cpu" and needs_gpu(model) else expected_backends(
         model, engine, hw_class, facts.kernels.modules, kv_cache_dtype=kv_dtype, engine_env=profile_env,
-        nodes=nodes)
-    return DoctorReport(model, engine, nodes, hw_class, facts, tuple(checks), backends, plan_json)
+        nodes=nodes, profile_args=profile_args)
+    checks.extend(_attention_checks(backends.get("attention"), profile_args, reported))
+    return DoctorReport(model, engine, nodes, hw_class, facts, tuple(checks), backends, plan_json,
+                        weights, reported)
+
+
+def _weights_checks(model: ModelSpec, weights: WeightsFacts, reported: dict[str, str]) -> list[Check]:
+    """Which weights commit this box serves: the catalog's pin, or for an unpinned model the
+    commit main resolved to when it was downloaded (the engine's record, else the cache's refs)."""
+    if model.is_local:
+        return [Check("weights_revision", "skip", f"local checkpoint {model.hf_repo}")]
+    served = reported.get("weights_revision")
+    if model.revision_pinned:
+        pin = model.revision
+        if served and served != pin:
+            return [Check("weights_revision", "warn", f"the engine that ran here loaded {served}, not the pinned "
+                          f"{pin}: restart r1nest serve to load the pinned weights")]
+        if pin in weights.snapshots or served == pin:
+            return [Check("weights_revision", "ok", f"pinned {pin}, in the cache")]
+        others = ", ".join(c[:12] for c in weights.snapshots)
+        return [Check("weights_revision", "ok", f"pinned {pin}; downloaded at the engine's first start"
+                      + (f" (the cache holds only {others})" if others else ""))]
+    resolved = served or weights.refs.get("main")
+    why = model.revision_source.split(":")[0] if model.revision_source else "no reason recorded"
+    if resolved:
+        return [Check("weights_revision", "warn", f"unpinned ({why}); this box serves {resolved} "
+                      f"({'reported by the engine' if served else 'main in the cache'})")]
+    return [Check("weights_revision", "warn", f"unpinned ({why}); the engine downloads main at its first start "
+                  "and records the commit (run r1nest doctor again to see it)")]
+
+
+def _attention_checks(expected: str | None, profile_args: tuple[str, ...],
+                      reported: dict[str, str]) -> list[Check]:
+    """The attention backend: the one the plan names, and the one a running engine reported."""
+    named = flag_value(profile_args, "--attention-backend")
+    seen = reported.get("attention_backend")
+    if seen and named and seen != named:
+        return [Check("attention", "warn", f"the plan names {named}; the engine that ran here reported {seen}")]
+    if seen:
+        return [Check("attention", "ok", f"{seen}, reported by the engine running here")]
+    if named:
+        return [Check("attention", "ok", f"{named}, named by the plan (--attention-backend)")]
+    if expected:
+        return [Check("attention", "skip", f"{expected} expected: the engine's own choice, not named by the plan")]
+    return []
 
 
 def _gpu_checks(gpus: tuple[GpuFacts, ...], model: ModelSpec, hw_class: str | None) -> list[Check]:
@@ -457,7 +566,7 @@ def _plan_summary(plan: dict[str, Any]) -> str:
 
 
 def plan_for_box(model: ModelSpec, *, engine: str, nodes: int, hardware_class: str,
-                 gpus: tuple[GpuFacts, ...]) -> Any:
+                 gpus: tuple[GpuFacts, ...], fabric: Fabric = "unknown") -> Any:
     """Ask the planner what it would run on the detected box (cloud "local")."""
     from r1nest import planner
 
@@ -474,6 +583,7 @@ def plan_for_box(model: ModelSpec, *, engine: str, nodes: int, hardware_class: s
         hardware_class=hardware_class,
         gpu=gpu_model.name if gpu_model else None,
         gpu_count=len(gpus),
+        fabric=fabric,
     )
 
 
@@ -495,6 +605,9 @@ def render(report: DoctorReport) -> None:
         table.add_row(check.name, f"[{_STYLE[check.status]}]{check.status}[/]", check.detail)
     for role, backend in report.backends.items():
         table.add_row(f"backend:{role}", "[dim]expected[/]", backend)
+    for role, value in report.reported.items():
+        if role in ("attention_backend", "weights_revision"):
+            table.add_row(f"engine:{role}", "[dim]reported[/]", value)
     console.print(table)
     if report.ok:
         console.print(f"[green]This box can serve {report.model.id}.[/]")
@@ -505,7 +618,7 @@ def render(report: DoctorReport) -> None:
 @click.command(help="Preflight this box: GPUs, FP8, kernels, fabric, disk, and the planner's verdict.")
 @click.option("--model", "model_name", default=None, help="catalog id or checkpoint directory")
 @click.option("--engine", type=click.Choice(["vllm", "sglang"]), default=None)
-@click.option("--nodes", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--nodes", type=click.IntRange(1, MAX_NODES), default=1, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (stable schema)")
 @click.option("--no-gemm", is_flag=True, help="skip the FP8 GEMM benchmark (facts only)")
 def doctor(model_name: str | None, engine: str | None, nodes: int, as_json: bool, no_gemm: bool) -> None:
@@ -513,7 +626,8 @@ def doctor(model_name: str | None, engine: str | None, nodes: int, as_json: bool
     from r1nest.settings import load_settings
 
     settings = load_settings(model=model_name, engine=engine)
-    report = run_doctor(settings.model, settings.engine, nodes, host_probes(), run_fp8_gemm=not no_gemm)
+    report = run_doctor(settings.model, settings.engine, nodes, host_probes(), run_fp8_gemm=not no_gemm,
+                        data_dir=Path(settings.data_dir).expanduser())
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -522,13 +636,17 @@ def doctor(model_name: str | None, engine: str | None, nodes: int, as_json: bool
 
 
 def run_doctor(model_name: str, engine: str, nodes: int, probes: Probes, *, run_fp8_gemm: bool = True,
-               planner: Planner | None = plan_for_box) -> DoctorReport:
+               planner: Planner | None = plan_for_box, data_dir: Path | None = None) -> DoctorReport:
+    """Probe the box, then diagnose. `data_dir`: r1nest serve's, for what its engine reported."""
+    from r1nest.engines.launcher import read_observed
     from r1nest.gpu_probe import collect
 
     model = resolve_model(model_name)
     facts = collect(probes, engine=engine, hf_repo=None if model.is_local else model.hf_repo,
                     run_fp8_gemm=run_fp8_gemm)
-    return diagnose(facts, model, engine=engine, nodes=nodes, planner=planner)
+    weights = None if model.is_local else read_weights_facts(Path(facts.disk.path), model.hf_repo)
+    reported = read_observed(data_dir) if data_dir is not None else {}
+    return diagnose(facts, model, engine=engine, nodes=nodes, planner=planner, weights=weights, reported=reported)
 
 
 __all__ = ["Check", "DoctorReport", "diagnose", "doctor", "run_doctor"]

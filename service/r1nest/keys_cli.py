@@ -1,4 +1,4 @@
-"""`r1nest keys`: create, list, revoke and top up API keys.
+"""`r1nest keys`: create, list, revoke and top up API keys, and set their limits.
 
 One set of commands, two ways to reach the keys:
 - the local store (default): the ledger the settings name (SQLite in `--data-dir`, or the
@@ -8,6 +8,8 @@ One set of commands, two ways to reach the keys:
   from R1NEST_ADMIN_KEY, `--admin-key`, or the one stored in the data dir.
 
 A key's plaintext is printed once, by `create`; nothing else ever shows it (or its hash).
+
+`r1nest usage` (usage_cli.py) reaches the same two places through `key_admin` and `run_admin`.
 
 Errors are one line on stderr and exit 1 (`r1nest.cli.main`), never a traceback: a store that
 cannot answer now (locked past its busy timeout, unreachable, throttled; a gateway answering
@@ -34,8 +36,15 @@ from r1nest import accounts
 from r1nest.errors import ConfigError, InvalidLedgerArgument, R1nestError, StoreUnavailable, UnknownKey
 from r1nest.keys import parse_key_id
 from r1nest.ledger.base import Store
-from r1nest.ledger.rules import MAX_CREDITS, MAX_IDEMPOTENCY_KEY_CHARS, MAX_NAME_CHARS
+from r1nest.ledger.rules import (
+    MAX_CONCURRENCY_LIMIT,
+    MAX_CREDITS,
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    MAX_NAME_CHARS,
+    MAX_RATE_LIMIT_RPM,
+)
 from r1nest.settings import load_settings
+from r1nest.usage import Window, usage_json
 
 HTTP_TIMEOUT_S = 15.0
 MAX_EXPIRY_DAYS = 36_500.0
@@ -59,9 +68,20 @@ def _unavailable(exc: StoreUnavailable) -> StoreUnavailable:
 class KeyAdmin(Protocol):
     """What the commands need; answers have the admin API's JSON shapes."""
 
-    async def create(self, *, name: str, credits: int, expires_at: float | None) -> dict[str, Any]: ...
+    async def create(
+        self, *, name: str, credits: int, expires_at: float | None,
+        max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
+    ) -> dict[str, Any]: ...
 
     async def list(self) -> list[dict[str, Any]]: ...
+
+    async def get(self, key_id: str) -> dict[str, Any]: ...  # UnknownKey
+
+    async def set_limits(
+        self, key_id: str, *, max_concurrency: int | None, rate_limit_rpm: int | None
+    ) -> dict[str, Any]: ...
+
+    async def usage(self, window: Window, *, key_id: str | None) -> dict[str, Any]: ...  # usage_json
 
     async def revoke(self, key_id: str) -> dict[str, Any]: ...
 
@@ -77,16 +97,42 @@ class LocalKeys:
         self._store = store
         self._clock = clock
 
-    async def create(self, *, name: str, credits: int, expires_at: float | None) -> dict[str, Any]:
+    async def create(
+        self, *, name: str, credits: int, expires_at: float | None,
+        max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
+    ) -> dict[str, Any]:
         from r1nest.accounts import create_api_key
 
         record, plaintext = await create_api_key(
-            self._store, name=name, credits=credits, expires_at=expires_at, now=self._clock()
+            self._store, name=name, credits=credits, expires_at=expires_at, now=self._clock(),
+            max_concurrency=max_concurrency, rate_limit_rpm=rate_limit_rpm,
         )
-        return {"id": record.key_id, "key": plaintext, "name": record.name, "remaining_credits": record.remaining_credits}
+        return {"key": plaintext, **accounts.key_json(record)}
 
     async def list(self) -> list[dict[str, Any]]:
         return [accounts.key_json(record) for record in await self._store.list_keys()]
+
+    async def get(self, key_id: str) -> dict[str, Any]:
+        record = await self._store.get_key(key_id)
+        if record is None:
+            raise UnknownKey(f"no key with id {key_id}")
+        return accounts.key_json(record)
+
+    async def set_limits(
+        self, key_id: str, *, max_concurrency: int | None, rate_limit_rpm: int | None
+    ) -> dict[str, Any]:
+        record = await self._store.set_key_limits(
+            key_id, max_concurrency=max_concurrency, rate_limit_rpm=rate_limit_rpm
+        )
+        return accounts.key_json(record)
+
+    async def usage(self, window: Window, *, key_id: str | None) -> dict[str, Any]:
+        if key_id is not None:
+            await self.get(key_id)  # an unknown id is an error, not an empty table
+        buckets = await self._store.usage(
+            key_id=key_id, since=window.since, until=window.until, bucket_s=window.bucket_s
+        )
+        return usage_json(window, buckets, key_id=key_id)
 
     async def revoke(self, key_id: str) -> dict[str, Any]:
         record = await self._store.revoke_key(key_id)
@@ -116,10 +162,15 @@ class RemoteKeys:
             follow_redirects=False,  # never replay the admin key to another address
         )
 
-    async def create(self, *, name: str, credits: int, expires_at: float | None) -> dict[str, Any]:
+    async def create(
+        self, *, name: str, credits: int, expires_at: float | None,
+        max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, "credits": credits}
-        if expires_at is not None:
-            body["expires_at"] = expires_at
+        for field, value in (("expires_at", expires_at), ("max_concurrency", max_concurrency),
+                             ("rate_limit_rpm", rate_limit_rpm)):
+            if value is not None:
+                body[field] = value
         return await self._call("POST", "/admin/keys", json=body)
 
     async def list(self) -> list[dict[str, Any]]:
@@ -127,6 +178,26 @@ class RemoteKeys:
         if not isinstance(data, list):
             raise R1nestError(f"{self._url} answered GET /admin/keys without a `data` list")
         return data
+
+    async def get(self, key_id: str) -> dict[str, Any]:
+        for entry in await self.list():
+            if isinstance(entry, dict) and entry.get("id") == key_id:
+                return entry
+        raise UnknownKey(f"no key with id {key_id}")
+
+    async def set_limits(
+        self, key_id: str, *, max_concurrency: int | None, rate_limit_rpm: int | None
+    ) -> dict[str, Any]:
+        return await self._call(
+            "POST", f"/admin/keys/{key_id}/limits", key_id=key_id,
+            json={"max_concurrency": max_concurrency, "rate_limit_rpm": rate_limit_rpm},
+        )
+
+    async def usage(self, window: Window, *, key_id: str | None) -> dict[str, Any]:
+        params = {"from": f"{window.since:.3f}", "to": f"{window.until:.3f}", "bucket": window.bucket}
+        if key_id is not None:
+            params["key"] = key_id
+        return await self._call("GET", "/admin/usage", key_id=key_id, params=params)
 
     async def revoke(self, key_id: str) -> dict[str, Any]:
         return await self._call("POST", f"/admin/keys/{key_id}/revoke", key_id=key_id)
@@ -189,7 +260,7 @@ def _error_code(body: Any) -> str:
 # plumbing shared by the commands -----------------------------------------------------------
 
 
-def _key_admin(data_dir: Path | None, url: str | None, admin_key: str | None) -> KeyAdmin:
+def key_admin(data_dir: Path | None, url: str | None, admin_key: str | None) -> KeyAdmin:
     settings = load_settings(data_dir=data_dir, admin_key=admin_key)
     if url is None:
         from r1nest.ledger import open_store
@@ -215,7 +286,7 @@ def _key_admin(data_dir: Path | None, url: str | None, admin_key: str | None) ->
     return RemoteKeys(url, key)
 
 
-def _run(admin: KeyAdmin, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
+def run_admin(admin: KeyAdmin, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
     async def run() -> T:
         try:
             return await action(admin)
@@ -228,7 +299,7 @@ def _run(admin: KeyAdmin, action: Callable[[KeyAdmin], Awaitable[T]]) -> T:
         raise _unavailable(exc) from None
 
 
-def _key_id(value: str) -> str:
+def check_key_id(value: str) -> str:
     if _KEY_ID.match(value):
         return value
     if parse_key_id(value) is not None:
@@ -237,7 +308,7 @@ def _key_id(value: str) -> str:
     raise click.BadParameter(f"{value!r} is not a key id (12 lowercase hex characters, see `r1nest keys list`)")
 
 
-def _when(seconds: float | None) -> str:
+def format_when(seconds: float | None) -> str:
     if seconds is None:
         return "never"
     try:
@@ -246,11 +317,11 @@ def _when(seconds: float | None) -> str:
         return repr(seconds)
 
 
-def _print_json(value: Any) -> None:
+def print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2))
 
 
-def _where_options(command: Callable[..., Any]) -> Callable[..., Any]:
+def where_options(command: Callable[..., Any]) -> Callable[..., Any]:
     command = click.option(
         "--admin-key", help="The gateway's admin key for --url (prefer R1NEST_ADMIN_KEY: flags show in ps)."
     )(command)
@@ -265,6 +336,30 @@ def _where_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 CREDITS = click.IntRange(0, MAX_CREDITS)
+CONCURRENCY = click.IntRange(1, MAX_CONCURRENCY_LIMIT)
+RPM = click.IntRange(1, MAX_RATE_LIMIT_RPM)
+
+
+class LimitOrNone(click.ParamType):
+    """A per-key limit: a whole number in range, or `none` (no override: the deployment default)."""
+
+    name = "N|none"
+
+    def __init__(self, maximum: int) -> None:
+        self._range = click.IntRange(1, maximum)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is CLEARED or (isinstance(value, str) and value.strip().lower() == "none"):
+            return CLEARED
+        return self._range.convert(value, param, ctx)
+
+
+CLEARED = "none"  # what a LimitOrNone option gives for `none`
+
+
+def format_limit(value: Any) -> str:
+    """A key's limit as `keys list` shows it: the number, or "default" (the deployment's)."""
+    return "default" if value is None else str(value)
 
 
 # the commands ------------------------------------------------------------------------------
@@ -272,7 +367,8 @@ CREDITS = click.IntRange(0, MAX_CREDITS)
 
 @click.group()
 def keys() -> None:
-    """Create, list, revoke and top up API keys (local store, or a gateway with --url)."""
+    """Create, list, revoke and top up API keys, and set their limits (local store, or a gateway
+    with --url)."""
 
 
 @keys.command()
@@ -282,51 +378,69 @@ def keys() -> None:
     "--expires-in", type=click.FloatRange(0, MAX_EXPIRY_DAYS, min_open=True), metavar="DAYS",
     help="The key stops working after this many days.",
 )
+@click.option(
+    "--max-concurrency", type=CONCURRENCY, metavar="N",
+    help="At most N requests of this key at once (default: the deployment's R1NEST_MAX_CONCURRENT_PER_KEY).",
+)
+@click.option(
+    "--rate-limit-rpm", type=RPM, metavar="N",
+    help="At most N requests of this key per minute (default: the deployment's R1NEST_RATE_LIMIT_RPM).",
+)
 @click.option("--json", "as_json", is_flag=True, help='Print {"id", "key", "remaining_credits"}.')
-@_where_options
+@where_options
 def create(
-    credits: int, name: str, expires_in: float | None, as_json: bool,
-    data_dir: Path | None, url: str | None, admin_key: str | None,
+    credits: int, name: str, expires_in: float | None, max_concurrency: int | None, rate_limit_rpm: int | None,
+    as_json: bool, data_dir: Path | None, url: str | None, admin_key: str | None,
 ) -> None:
     """Create a key. Its plaintext is printed once: store it now."""
     if len(name) > MAX_NAME_CHARS:
         raise click.BadParameter(f"at most {MAX_NAME_CHARS} characters", param_hint="--name")
     expires_at = time.time() + expires_in * 86_400 if expires_in is not None else None
-    admin = _key_admin(data_dir, url, admin_key)
-    created = _run(admin, lambda a: a.create(name=name, credits=credits, expires_at=expires_at))
+    admin = key_admin(data_dir, url, admin_key)
+    created = run_admin(admin, lambda a: a.create(
+        name=name, credits=credits, expires_at=expires_at,
+        max_concurrency=max_concurrency, rate_limit_rpm=rate_limit_rpm,
+    ))
     if as_json:
-        _print_json({"id": created["id"], "key": created["key"], "remaining_credits": created["remaining_credits"]})
+        print_json({"id": created["id"], "key": created["key"], "remaining_credits": created["remaining_credits"]})
         return
     label = f" ({created['name']})" if created.get("name") else ""
     click.echo(f"Created key {created['id']}{label} with {created['remaining_credits']} credits.")
     if expires_at is not None:
-        click.echo(f"It expires {_when(expires_at)}.")
+        click.echo(f"It expires {format_when(expires_at)}.")
+    if max_concurrency is not None or rate_limit_rpm is not None:
+        limits = {"max_concurrency": max_concurrency, "rate_limit_rpm": rate_limit_rpm}
+        click.echo(_limits_line(created["id"], limits))
     click.echo("API key (shown once; store it now):")
     click.echo(created["key"])
 
 
 @keys.command(name="list")
 @click.option("--json", "as_json", is_flag=True, help="Print the keys as JSON (never their secrets).")
-@_where_options
+@where_options
 def list_keys(as_json: bool, data_dir: Path | None, url: str | None, admin_key: str | None) -> None:
-    """List keys: id, name, credits, dates, status. Secrets are never shown."""
-    listed = _run(_key_admin(data_dir, url, admin_key), lambda a: a.list())
-    fields = ("id", "name", "created_at", "expires_at", "revoked", "remaining_credits")
+    """List keys: id, name, credits, dates, status, limits. Secrets are never shown."""
+    listed = run_admin(key_admin(data_dir, url, admin_key), lambda a: a.list())
+    fields = (
+        "id", "name", "created_at", "expires_at", "revoked", "remaining_credits",
+        "max_concurrency", "rate_limit_rpm",
+    )
     rows = [{field: entry.get(field) for field in fields} for entry in listed]
     if as_json:
-        _print_json({"data": rows})
+        print_json({"data": rows})
         return
     if not rows:
         click.echo("No keys yet. Create one with: r1nest keys create --credits N")
         return
     now = time.time()
-    table = [("ID", "NAME", "CREDITS", "CREATED", "EXPIRES", "STATUS")]
+    table = [("ID", "NAME", "CREDITS", "CREATED", "EXPIRES", "STATUS", "CONCURRENCY", "RPM")]
     for row in rows:
         expired = row["expires_at"] is not None and row["expires_at"] <= now
         status = "revoked" if row["revoked"] else "expired" if expired else "active"
         table.append((
             str(row["id"]), str(row["name"] or "-"), str(row["remaining_credits"]),
-            _when(row["created_at"]), _when(row["expires_at"]), status,
+            format_when(row["created_at"]), format_when(row["expires_at"]), status,
+            format_limit(row["max_concurrency"]), format_limit(row["rate_limit_rpm"]),
         ))
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
@@ -336,13 +450,13 @@ def list_keys(as_json: bool, data_dir: Path | None, url: str | None, admin_key: 
 @keys.command()
 @click.argument("key_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help='Print {"id", "revoked"}.')
-@_where_options
+@where_options
 def revoke(key_id: str, as_json: bool, data_dir: Path | None, url: str | None, admin_key: str | None) -> None:
     """Revoke a key: it stops working at once (its open requests still settle)."""
-    key_id = _key_id(key_id)
-    revoked = _run(_key_admin(data_dir, url, admin_key), lambda a: a.revoke(key_id))
+    key_id = check_key_id(key_id)
+    revoked = run_admin(key_admin(data_dir, url, admin_key), lambda a: a.revoke(key_id))
     if as_json:
-        _print_json({"id": revoked["id"], "revoked": revoked["revoked"]})
+        print_json({"id": revoked["id"], "revoked": revoked["revoked"]})
     else:
         click.echo(f"Revoked key {revoked['id']}.")
 
@@ -355,13 +469,13 @@ def revoke(key_id: str, as_json: bool, data_dir: Path | None, url: str | None, a
     help="Names this top-up: retrying with the same K never adds twice (default: a new one, printed).",
 )
 @click.option("--json", "as_json", is_flag=True, help='Print {"id", "remaining_credits", "idempotency_key"}.')
-@_where_options
+@where_options
 def topup(
     key_id: str, credits: int, idempotency_key: str | None, as_json: bool,
     data_dir: Path | None, url: str | None, admin_key: str | None,
 ) -> None:
     """Add N credits to key ID, once per idempotency key."""
-    key_id = _key_id(key_id)
+    key_id = check_key_id(key_id)
     if idempotency_key is None:
         idempotency_key = str(uuid.uuid4())
     elif not _IDEMPOTENCY_KEY.match(idempotency_key):
@@ -369,9 +483,9 @@ def topup(
             f"1 to {MAX_IDEMPOTENCY_KEY_CHARS} visible ASCII characters, no spaces",
             param_hint="--idempotency-key",
         )
-    admin = _key_admin(data_dir, url, admin_key)
+    admin = key_admin(data_dir, url, admin_key)
     try:
-        answer = _run(admin, lambda a: a.topup(key_id, credits, idempotency_key=idempotency_key))
+        answer = run_admin(admin, lambda a: a.topup(key_id, credits, idempotency_key=idempotency_key))
     except (UnknownKey, InvalidLedgerArgument):
         raise  # refused: nothing was applied
     except R1nestError as exc:
@@ -379,8 +493,64 @@ def topup(
         hint = f"{exc} (retry safely with --idempotency-key {idempotency_key})"
         raise (_Explained(hint) if isinstance(exc, StoreUnavailable) else R1nestError(hint)) from None
     if as_json:
-        _print_json({"id": answer["id"], "remaining_credits": answer["remaining_credits"],
+        print_json({"id": answer["id"], "remaining_credits": answer["remaining_credits"],
                      "idempotency_key": idempotency_key})
         return
     click.echo(f"Key {answer['id']} now has {answer['remaining_credits']} credits.")
     click.echo(f"Idempotency key: {idempotency_key} (reuse it to retry this top-up safely)")
+
+
+@keys.command()
+@click.argument("key_id", metavar="ID")
+@click.option(
+    "--max-concurrency", type=LimitOrNone(MAX_CONCURRENCY_LIMIT), metavar="N|none",
+    help="At most N requests of this key at once; `none`: the deployment's default.",
+)
+@click.option(
+    "--rate-limit-rpm", type=LimitOrNone(MAX_RATE_LIMIT_RPM), metavar="N|none",
+    help="At most N requests of this key per minute; `none`: the deployment's default.",
+)
+@click.option("--json", "as_json", is_flag=True, help='Print {"id", "max_concurrency", "rate_limit_rpm"}.')
+@where_options
+def limits(
+    key_id: str, max_concurrency: Any, rate_limit_rpm: Any, as_json: bool,
+    data_dir: Path | None, url: str | None, admin_key: str | None,
+) -> None:
+    """Show or set key ID's limits. A limit not named keeps its value; without options, nothing
+    changes. The gateway answers a request over a limit with 429 and Retry-After."""
+    key_id = check_key_id(key_id)
+
+    async def apply(admin: KeyAdmin) -> dict[str, Any]:
+        current = await admin.get(key_id)
+        if max_concurrency is None and rate_limit_rpm is None:
+            return current
+        return await admin.set_limits(
+            key_id,
+            max_concurrency=_new_limit(max_concurrency, current.get("max_concurrency")),
+            rate_limit_rpm=_new_limit(rate_limit_rpm, current.get("rate_limit_rpm")),
+        )
+
+    answer = run_admin(key_admin(data_dir, url, admin_key), apply)
+    shown = {"id": answer.get("id", key_id), "max_concurrency": answer.get("max_concurrency"),
+             "rate_limit_rpm": answer.get("rate_limit_rpm")}
+    if as_json:
+        print_json(shown)
+    else:
+        click.echo(_limits_line(key_id, shown))
+
+
+def _new_limit(given: Any, current: Any) -> int | None:
+    if given is None:  # not named: keep
+        return current if isinstance(current, int) and not isinstance(current, bool) else None
+    return None if given == CLEARED else int(given)
+
+
+def _limits_line(key_id: str, limits: dict[str, Any]) -> str:
+    concurrency, rpm = limits.get("max_concurrency"), limits.get("rate_limit_rpm")
+    at_once = f"at most {concurrency} requests at once"
+    per_minute = f"at most {rpm} requests per minute"
+    if concurrency is None:
+        at_once = "concurrency: the deployment's default"
+    if rpm is None:
+        per_minute = "rate: the deployment's default"
+    return f"Key {key_id}: {at_once}; {per_minute}."

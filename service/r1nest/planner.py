@@ -11,6 +11,10 @@ MLA keeps one latent per token that every tensor-parallel rank stores in full, s
 divide it (only PP does, by layers); data-parallel attention ranks each hold their own sequences.
 GQA splits KV heads across TP ranks. The cheapest option whose max concurrency meets the target
 wins; when nothing fits, PlanError says why and what would fit.
+
+Multi-node layouts are planned for the fabric between the nodes: AWS is EFA, so no AWS profile
+uses an expert all-to-all that needs InfiniBand GPUDirect Async (r1nest.engines.base.
+IBGDA_ONLY_ALL2ALL). MAX_NODES is the one bound on nodes; the AWS stack's configuration reads it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any, Literal
 
 from r1nest.catalog import ModelSpec, resolve_model
 from r1nest.engines import EngineName, EngineProfile, Mode, build_profile
-from r1nest.engines.base import engine_argv
+from r1nest.engines.base import FABRICS, Fabric, engine_argv
 from r1nest.engines.vllm import CPU_KVCACHE_GIB, CPU_MAX_NUM_SEQS
 from r1nest.errors import ConfigError, PlanError
 from r1nest.hardware import (
@@ -42,7 +46,10 @@ Cloud = Literal["aws", "modal", "local"]
 CLOUDS: tuple[Cloud, ...] = ("aws", "modal", "local")
 
 MAX_CONCURRENCY = 100_000
-MAX_NODES = 2  # multi-node only for the R1 family, over EFA
+MAX_NODES = 2  # multi-node only for the R1 family; infra/aws/r1nest_aws/config.py imports it
+# The fabric between the nodes of each cloud; "local" takes it from the caller (r1nest doctor
+# reads it off the box).
+CLOUD_FABRIC: dict[str, Fabric] = {"aws": "efa", "modal": "unknown"}
 # Per-GPU memory the engine needs besides weights and KV cache: activations, CUDA graphs,
 # NCCL / all-to-all buffers, sampler. Estimates on the safe side of what vLLM reports.
 OVERHEAD_DENSE_BYTES = 2 * GIB
@@ -81,6 +88,7 @@ class Plan:
     root_volume_gib: int
     hardware_class: HardwareClass
     notes: tuple[str, ...] = field(default_factory=tuple)
+    revision: str = ""  # the catalog's weights revision: a commit, "unpinned", "" (local checkpoint)
 
     @property
     def cost_usd_per_hour(self) -> float:
@@ -120,6 +128,8 @@ class Plan:
             "cost_usd_per_hour": round(self.cost_usd_per_hour, 4),
             "cost_microusd_per_hour": self.cost_microusd_per_hour,
             "root_volume_gib": self.root_volume_gib,
+            "revision": self.revision,
+            "fabric": self.profile.fabric,
             "engine_argv": argv,
             "engine_env": dict(self.profile.env),
             "notes": list(self.notes) + list(self.profile.notes),
@@ -282,6 +292,7 @@ def plan(
     local_gpus: str | None = None,
     gpu: str | None = None,
     gpu_count: int | None = None,
+    fabric: Fabric | None = None,
 ) -> Plan:
     """The cheapest deployment of `model` on `cloud` that serves `concurrency` sequences of
     `context` tokens; PlanError(reason, alternatives) when none does.
@@ -289,6 +300,8 @@ def plan(
     `instance_type`: an AWS instance type, or a Modal GPU string ("H200:8") on Modal.
     `hardware_class`: restrict to one class; on cloud="local" "cpu" (the default there) plans
     vLLM's CPU build; local GPUs are named by `local_gpus` ("H100:8") or `gpu` + `gpu_count`.
+    `fabric`: the network between local nodes ("infiniband", "efa"; default "unknown", planned
+    like EFA); on AWS it is EFA.
     """
     spec = resolve_model(model)
     if gpu is not None and local_gpus is None:
@@ -305,6 +318,11 @@ def plan(
         raise ConfigError(f"nodes must be 1..{MAX_NODES}")
     if mode is not None and mode not in ("latency", "throughput"):
         raise ConfigError("mode must be latency or throughput")
+    if fabric is not None and fabric not in FABRICS:
+        raise ConfigError(f"unknown fabric {fabric!r}; one of {', '.join(FABRICS)}")
+    if cloud in CLOUD_FABRIC and fabric not in (None, CLOUD_FABRIC[cloud]):
+        raise ConfigError(f"{cloud} nodes talk over {CLOUD_FABRIC[cloud]}, not {fabric}")
+    net: Fabric = CLOUD_FABRIC.get(cloud) or fabric or "unknown"
     ctx = spec.default_context if context is None else context
     if not 1 <= ctx <= spec.native_context:
         raise PlanError(
@@ -338,7 +356,7 @@ def plan(
                                           f.option.nodes,
                                           f.option.gpus_per_node, f.layout.mode != "latency",
                                           -f.max_concurrency))
-        return _make_plan(spec, cloud, engine, best, ctx, concurrency)
+        return _make_plan(spec, cloud, engine, best, ctx, concurrency, net)
 
     constrained = bool(instance_type or nodes or hardware_class)
     if good:
@@ -400,6 +418,7 @@ def _alternatives(
 
 def _make_plan(
     spec: ModelSpec, cloud: Cloud, engine: EngineName, fit: _Fit, ctx: int, concurrency: int,
+    fabric: Fabric = "unknown",
 ) -> Plan:
     opt, layout = fit.option, fit.layout
     profile = build_profile(
@@ -407,6 +426,7 @@ def _make_plan(
         hardware_class=opt.gpu.hardware_class, nodes=opt.nodes, gpus_per_node=opt.gpus_per_node,
         tp=layout.tp, pp=layout.pp, dp=layout.dp, mode=layout.mode, context=ctx,
         kv_cache_dtype=fit.kv_dtype, gpu_memory_utilization=GPU_MEMORY_UTILIZATION[engine],
+        fabric=fabric,
     )
     notes = []
     if cloud == "aws" and opt.instance_type:
@@ -424,7 +444,7 @@ def _make_plan(
         weight_bytes_per_gpu=fit.weights_per_gpu, profile=profile,
         cost_microusd_per_hour=opt.price_microusd_per_hour,
         root_volume_gib=root_volume_gib(spec), hardware_class=opt.gpu.hardware_class,
-        notes=tuple(notes),
+        notes=tuple(notes), revision=spec.revision,
     )
 
 
@@ -457,7 +477,7 @@ def _cpu_plan(spec: ModelSpec, engine: EngineName, ctx: int, concurrency: int, *
         concurrency=concurrency, kv_cache_dtype=kv_dtype, kv_bytes_per_token=per_token,
         kv_capacity_tokens=capacity, max_concurrency=max_conc, weight_bytes_per_gpu=spec.weight_bytes,
         profile=profile, cost_microusd_per_hour=0, root_volume_gib=root_volume_gib(spec),
-        hardware_class="cpu",
+        hardware_class="cpu", revision=spec.revision,
     )
 
 

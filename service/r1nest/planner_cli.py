@@ -8,6 +8,7 @@ import shlex
 import click
 
 from r1nest.hardware import HARDWARE_CLASSES, format_usd_per_hour
+from r1nest.planner import MAX_NODES
 
 
 @click.command("plan")
@@ -19,7 +20,8 @@ from r1nest.hardware import HARDWARE_CLASSES, format_usd_per_hour
               help="Sequences of --context tokens to hold at once.")
 @click.option("--engine", type=click.Choice(["vllm", "sglang"]), default="vllm", show_default=True)
 @click.option("--instance-type", default=None, help="AWS instance type, or a Modal GPU string such as H200:8.")
-@click.option("--nodes", type=click.IntRange(1, 2), default=None)
+@click.option("--nodes", type=click.IntRange(1, MAX_NODES), default=None,
+              help=f"Nodes per replica (1..{MAX_NODES}); multi-node for the R1 family only.")
 @click.option("--hardware-class", type=click.Choice(HARDWARE_CLASSES), default=None)
 @click.option("--mode", type=click.Choice(["latency", "throughput"]), default=None,
               help="R1: TP + MTP for latency, DP attention + EP for throughput. Default: cheapest.")
@@ -64,6 +66,7 @@ def _print_table(data: dict) -> None:
         ("weights per GPU", f"{data['weight_bytes_per_gpu'] / 2**30:,.1f} GiB"),
         ("cost", format_usd_per_hour(data["cost_microusd_per_hour"]) + " (list price, estimate)"),
         ("root volume", f"{data['root_volume_gib']:,} GiB per node"),
+        ("weights revision", data.get("revision") or "-"),
         ("engine env", " ".join(f"{k}={v}" for k, v in data["engine_env"].items()) or "-"),
         ("engine command", shlex.join(data["engine_argv"])),
     ]

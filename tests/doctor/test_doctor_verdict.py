@@ -179,7 +179,9 @@ def test_run_doctor_end_to_end_with_fake_probes_has_the_pinned_json_schema(tiny_
     data = report.to_json()
     assert data["schema_version"] == SCHEMA_VERSION == 1
     assert list(data) == ["schema_version", "ok", "exit_code", "reason", "model", "engine", "nodes",
-                          "hardware", "kernels", "backends", "network", "disk", "plan", "checks"]
+                          "hardware", "kernels", "backends", "network", "disk", "plan", "checks",
+                          "weights", "engine_reported"]  # keys added at the end: version 1 still reads
+    assert list(data["weights"]) == ["revision", "pinned", "revision_source", "cached_revisions", "refs"]
     assert list(data["model"]) == ["id", "hf_repo", "architecture", "weight_dtype", "weight_bytes"]
     assert list(data["hardware"]) == ["class", "gpu_count", "driver_version", "torch_version",
                                       "cuda_version", "gpus"]
@@ -216,10 +218,10 @@ def test_the_real_planner_sizes_the_detected_box() -> None:
     assert "not in r1nest's hardware table" in unknown.reason
 
 
-def test_sglang_on_hopper_expects_flashmla_and_needs_sgl_kernel() -> None:
+def test_sglang_on_hopper_expects_fa3_and_needs_sgl_kernel() -> None:
     report = diagnose(box("H200", 8, engine="sglang"), R1, engine="sglang")
     assert report.ok, report.reason
-    assert report.backends["attention"] == "flashmla"
+    assert report.backends["attention"] == "fa3"  # SGLang's own MLA default on Hopper, not FlashMLA
     broken = diagnose(box("H200", 8, engine="sglang", missing=("sgl_kernel",)), R1, engine="sglang")
     assert "kernel:sgl_kernel" in failed(broken)
 

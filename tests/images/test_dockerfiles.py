@@ -171,3 +171,25 @@ def test_the_readme_lists_the_pins_the_dockerfiles_use() -> None:
     readme = (REPO / "images" / "README.md").read_text()
     for engine, path in IMAGES.items():
         assert f"`{one(path, 'FROM')}`" in readme, f"images/README.md does not list {engine}'s pinned base"
+
+
+def test_the_flashmla_check_covers_the_pinned_engine_versions() -> None:
+    """images/README.md's FlashMLA section names the versions the Dockerfiles pin, and the
+    backends it concludes on are the ones the Hopper profiles name."""
+    from r1nest.catalog import get_model
+    from r1nest.engines import build_profile
+
+    readme = (REPO / "images" / "README.md").read_text()
+    section = readme[readme.index("## FlashMLA on Hopper"):]
+    for engine, path in IMAGES.items():
+        match = DIGEST_RE.match(one(path, "FROM"))
+        assert match is not None
+        version = match["tag"].lstrip("v")
+        assert f"{'vLLM' if engine == 'vllm' else 'SGLang'} {version}" in section, (engine, version)
+    r1 = get_model("deepseek-r1")
+    for engine, kv, backend in (("vllm", "fp8", "FLASHMLA"), ("vllm", "auto", "FLASH_ATTN_MLA"),
+                                ("sglang", "fp8", "fa3")):
+        profile = build_profile(engine, r1, hardware_class="hopper", nodes=1, gpus_per_node=8, tp=8,
+                                context=4096, kv_cache_dtype=kv)
+        assert profile.flag_value("--attention-backend") == backend
+        assert f"--attention-backend {backend}" in section

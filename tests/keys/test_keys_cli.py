@@ -82,9 +82,10 @@ def test_list_shows_keys_without_secrets(tmp_path: Path) -> None:
     assert [(d["id"], d["remaining_credits"], d["revoked"]) for d in data] == [
         (first["id"], 10, False), (second["id"], 20, True),
     ]
-    assert set(data[0]) == {"id", "name", "created_at", "expires_at", "revoked", "remaining_credits"}
+    assert set(data[0]) == {"id", "name", "created_at", "expires_at", "revoked", "remaining_credits",
+                            "max_concurrency", "rate_limit_rpm"}
     text = ok(invoke(tmp_path, "list"))
-    assert text.splitlines()[0].split() == ["ID", "NAME", "CREDITS", "CREATED", "EXPIRES", "STATUS"]
+    assert text.splitlines()[0].split() == ["ID", "NAME", "CREDITS", "CREATED", "EXPIRES", "STATUS", "CONCURRENCY", "RPM"]
     assert "revoked" in text and "active" in text
     assert first["key"] not in text and second["key"] not in text
 
@@ -122,6 +123,15 @@ def test_topup_is_idempotent_per_idempotency_key(tmp_path: Path) -> None:
         ["topup", "0123456789ab", "1", "--idempotency-key", "has space"],
         ["revoke", "not-an-id"],
         ["topup", "ABCDEF012345", "3"],
+        ["create", "--credits", "1", "--max-concurrency", "0"],
+        ["create", "--credits", "1", "--max-concurrency", "none"],
+        ["create", "--credits", "1", "--max-concurrency", "100001"],
+        ["create", "--credits", "1", "--rate-limit-rpm", "-1"],
+        ["create", "--credits", "1", "--rate-limit-rpm", "1.5"],
+        ["limits", "0123456789ab", "--max-concurrency", "0"],
+        ["limits", "0123456789ab", "--rate-limit-rpm", "lots"],
+        ["limits", "0123456789ab", "--rate-limit-rpm", "10000001"],
+        ["limits", "not-an-id", "--max-concurrency", "2"],
     ],
 )
 def test_bad_input_is_a_usage_error(tmp_path: Path, args: list[str]) -> None:
@@ -137,7 +147,11 @@ def test_a_whole_key_in_place_of_an_id_is_refused_without_echoing_it(tmp_path: P
     assert "not the key itself" in result.output and key not in result.output
 
 
-@pytest.mark.parametrize("command", [["revoke", "000000000000"], ["topup", "000000000000", "5"]])
+@pytest.mark.parametrize(
+    "command",
+    [["revoke", "000000000000"], ["topup", "000000000000", "5"], ["limits", "000000000000", "--max-concurrency", "2"],
+     ["limits", "000000000000"]],
+)
 def test_unknown_id_is_a_clear_error(tmp_path: Path, command: list[str]) -> None:
     result = invoke(tmp_path, *command)
     assert isinstance(result.exception, UnknownKey)
@@ -153,6 +167,45 @@ def test_errors_reach_the_user_as_one_line_without_a_traceback(tmp_path: Path) -
     assert done.returncode == 1
     assert done.stderr.strip() == "error: no key with id 000000000000"
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_create_with_limits_and_list_shows_them(tmp_path: Path) -> None:
+    out = ok(invoke(tmp_path, "create", "--credits", "5", "--max-concurrency", "3", "--rate-limit-rpm", "120"))
+    assert "at most 3 requests at once; at most 120 requests per minute." in out
+    limited = out.split("Created key ")[1].split()[0]
+    plain = json.loads(ok(invoke(tmp_path, "create", "--credits", "5", "--json")))["id"]
+    record = in_store(tmp_path, lambda s: s.get_key(limited))
+    assert (record.max_concurrency, record.rate_limit_rpm) == (3, 120)
+    data = {d["id"]: d for d in json.loads(ok(invoke(tmp_path, "list", "--json")))["data"]}
+    assert (data[limited]["max_concurrency"], data[limited]["rate_limit_rpm"]) == (3, 120)
+    assert (data[plain]["max_concurrency"], data[plain]["rate_limit_rpm"]) == (None, None)
+    rows = {line.split()[0]: line.split() for line in ok(invoke(tmp_path, "list")).splitlines()[1:]}
+    assert rows[limited][-2:] == ["3", "120"] and rows[plain][-2:] == ["default", "default"]
+
+
+def test_limits_sets_one_keeps_the_other_and_none_clears(tmp_path: Path) -> None:
+    key_id = json.loads(ok(invoke(tmp_path, "create", "--credits", "5", "--json")))["id"]
+
+    def stored() -> tuple[int | None, int | None]:
+        record = in_store(tmp_path, lambda s: s.get_key(key_id))
+        return record.max_concurrency, record.rate_limit_rpm
+
+    shown = ok(invoke(tmp_path, "limits", key_id))
+    assert shown.strip() == (f"Key {key_id}: concurrency: the deployment's default; "
+                             "rate: the deployment's default.")
+    assert stored() == (None, None)
+    answer = json.loads(ok(invoke(tmp_path, "limits", key_id, "--max-concurrency", "4", "--json")))
+    assert answer == {"id": key_id, "max_concurrency": 4, "rate_limit_rpm": None} and stored() == (4, None)
+    ok(invoke(tmp_path, "limits", key_id, "--rate-limit-rpm", "60"))
+    assert stored() == (4, 60)  # the concurrency limit was kept
+    out = ok(invoke(tmp_path, "limits", key_id, "--max-concurrency", "none"))
+    assert out.strip() == f"Key {key_id}: concurrency: the deployment's default; at most 60 requests per minute."
+    assert stored() == (None, 60)
+    ok(invoke(tmp_path, "limits", key_id, "--max-concurrency", "2", "--rate-limit-rpm", "NONE"))
+    assert stored() == (2, None)
+    assert json.loads(ok(invoke(tmp_path, "limits", key_id, "--json"))) == {
+        "id": key_id, "max_concurrency": 2, "rate_limit_rpm": None,
+    }
 
 
 # a gateway's admin API (--url) -----------------------------------------------------------------
@@ -209,6 +262,24 @@ def test_admin_api_round_trip(tmp_path: Path, gateway_url) -> None:
     credits = httpx.get(url + "/v1/credits", headers={"Authorization": f"Bearer {created['key']}"})
     assert credits.status_code == 401
     assert not (tmp_path / "client" / "ledger.sqlite3").exists()  # --url never opened a local store
+
+
+def test_admin_api_limits(tmp_path: Path, gateway_url) -> None:
+    url, store = gateway_url
+    created = json.loads(ok(remote(
+        tmp_path, url, "create", "--credits", "10", "--max-concurrency", "2", "--rate-limit-rpm", "30", "--json",
+    )))
+    key_id = created["id"]
+    listed = json.loads(ok(remote(tmp_path, url, "list", "--json")))["data"]
+    assert [(d["id"], d["max_concurrency"], d["rate_limit_rpm"]) for d in listed] == [(key_id, 2, 30)]
+    answer = json.loads(ok(remote(tmp_path, url, "limits", key_id, "--rate-limit-rpm", "none", "--json")))
+    assert answer == {"id": key_id, "max_concurrency": 2, "rate_limit_rpm": None}  # the other one kept
+    answer = json.loads(ok(remote(tmp_path, url, "limits", key_id, "--max-concurrency", "7", "--json")))
+    assert answer == {"id": key_id, "max_concurrency": 7, "rate_limit_rpm": None}
+    held = in_store(store.path.parent, lambda s: s.get_key(key_id))  # the gateway's ledger, read beside it
+    assert (held.max_concurrency, held.rate_limit_rpm) == (7, None)
+    unknown = remote(tmp_path, url, "limits", "000000000000", "--max-concurrency", "1")
+    assert isinstance(unknown.exception, UnknownKey)
 
 
 def test_admin_api_errors(tmp_path: Path, gateway_url) -> None:

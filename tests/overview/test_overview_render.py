@@ -14,7 +14,7 @@ from r1nest.overview.context import Readiness, api_base_url, mask_key
 from r1nest.overview.examples import build_examples
 from r1nest.overview.render import render_overview
 
-from .conftest import make_context
+from .conftest import USAGE_NOW, make_context, make_usage_panel as usage_panel
 from .pagetext import extract
 
 
@@ -179,3 +179,82 @@ def test_the_mask_shows_nothing_of_the_secret():
     ctx = make_context(api_key=dashed)
     html = render_overview(ctx)
     assert "ab-cd" not in html.replace('<span class="key-value">' + dashed, "")
+
+
+# the usage panel --------------------------------------------------------------------------------
+
+def svg_of(html: str, chart_id: str) -> str:
+    found = re.search(rf'<svg class="bars" id="{chart_id}"[^>]*>.*?</svg>', html, re.S)
+    assert found, chart_id
+    return found.group(0)
+
+
+def bars_of(svg: str) -> list[dict[str, str]]:
+    return [dict(re.findall(r'([\w-]+)="([^"]*)"', attrs)) for attrs in re.findall(r'<rect class="bar" ([^>]*)>', svg)]
+
+
+def test_usage_panel_draws_one_bar_per_bucket_with_requests_to_scale():
+    panel = usage_panel()
+    html = render_overview(make_context(usage=panel, remaining_credits=4321))
+    hourly = bars_of(svg_of(html, "usage-chart-24h"))
+    assert len(hourly) == len(panel.hourly.with_requests) == 4
+    assert [float(b["data-start"]) for b in hourly] == [b.start for b in panel.hourly.with_requests]
+    # x is the bucket's place in the window, height is credits to scale (the peak 96 of 100 units)
+    assert [float(b["x"]) for b in hourly] == [21.5, 51.5, 101.5, 231.5]
+    assert [float(b["height"]) for b in hourly] == [48, 3, 96, 3]  # 500 and 1000 to scale; 0 and 1 at the minimum
+    assert all(float(b["y"]) + float(b["height"]) == 100 for b in hourly)
+    daily = bars_of(svg_of(html, "usage-chart-30d"))
+    assert len(daily) == len(panel.daily.with_requests) == 2  # day 0 has no request
+    assert 'viewBox="0 0 240 100"' in svg_of(html, "usage-chart-24h") and 'viewBox="0 0 300 100"' in svg_of(html, "usage-chart-30d")
+
+
+def test_usage_panel_says_its_numbers_in_text():
+    panel = usage_panel()
+    html = render_overview(make_context(usage=panel, remaining_credits=4321))
+    for span, series in (("24h", panel.hourly), ("30d", panel.daily)):
+        sums = series.totals
+        for field in ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "credits"):
+            assert f'id="usage-{span}-{field}">{getattr(sums, field):,}<' in html, (span, field)
+    assert 'id="usage-credits-left">4,321<' in html
+    svg = svg_of(html, "usage-chart-24h")
+    assert 'role="img"' in svg and 'aria-labelledby="usage-chart-24h-title usage-chart-24h-desc"' in svg
+    assert '<title id="usage-chart-24h-title">Credits per hour, last 24 hours</title>' in svg
+    assert "1,501 credits in 7 requests; the busiest hour was Nov 30 01:00 UTC with 1,000 credits." in svg
+    assert "<title>2026-11-30 01:00 UTC: 1,000 credits, 3 requests, 2,000 prompt tokens (0 cached), 4,000 completion tokens</title>" in svg
+    assert html.count("<tr><th scope=\"row\">") >= 5 + 4 + 2  # totals rows, then one row per bucket with requests
+    assert "Numbers per hour (4 with requests)" in html and "Numbers per day (2 with requests)" in html
+
+
+def test_usage_panel_keeps_the_page_free_of_inline_style_and_script():
+    html = render_overview(make_context(usage=usage_panel()), logout_url="/overview/logout", csrf_token="t" * 43)
+    assert not re.search(r"\sstyle=", html) and "<style" not in html
+    assert not re.search(r"\son[a-z]+=", html)
+    assert all(attrs.get("src", "").startswith("/overview/static/") for attrs, _ in extract(html).scripts)
+    assert "<script" not in svg_of(html, "usage-chart-24h") and "http" not in svg_of(html, "usage-chart-30d")
+
+
+def test_usage_panel_without_a_ledger_says_where_usage_is_shown():
+    html = render_overview(make_context(public_endpoint="https://r1.example.com/v1"), standalone=True)
+    assert 'id="usage-unavailable"' in html and "<svg" not in html
+    assert "Usage is shown when the gateway serves this page" in html
+    assert "https://r1.example.com/overview" in html and "r1nest usage --url https://r1.example.com" in html
+
+
+def test_usage_panel_note_when_the_gateway_has_no_usage_for_the_key():
+    from r1nest.overview.usage_panel import UsagePanel
+
+    html = render_overview(make_context(usage=UsagePanel(None, note="The ledger <could not> be read.")))
+    assert 'id="usage-unavailable">The ledger &lt;could not&gt; be read.<' in html and "<svg" not in html
+    with pytest.raises(ConfigError):
+        make_context(usage={"hourly": []})
+
+
+def test_an_empty_day_has_a_chart_without_bars_and_says_so():
+    from r1nest.overview.usage_panel import Series, UsagePanel
+    from r1nest.usage import filled, recent_window
+
+    hours, days = recent_window("hour", 24, now=USAGE_NOW), recent_window("day", 30, now=USAGE_NOW)
+    panel = UsagePanel("0123456789ab", Series(hours, tuple(filled(hours, []))), Series(days, tuple(filled(days, []))))
+    html = render_overview(make_context(usage=panel))
+    assert bars_of(svg_of(html, "usage-chart-24h")) == [] and "No requests in this period." in html
+    assert 'id="usage-24h-requests">0<' in html and "Numbers per" not in html

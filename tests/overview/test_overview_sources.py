@@ -226,3 +226,66 @@ def test_cli_is_registered_in_the_r1nest_command():
 
     result = CliRunner().invoke(root, ["overview", "--help"])
     assert result.exit_code == 0 and "--stack-json" in result.output and "--modal-app" in result.output
+
+
+async def test_gateway_context_reads_the_keys_usage_from_the_store(tmp_path):
+    """The page's key only: its last 24 hours by hour and 30 days by day, from settled requests."""
+    from r1nest.accounts import create_api_key
+    from r1nest.ledger.base import Usage
+    from r1nest.ledger.sqlite import SqliteStore
+
+    now = 1796048707.0  # 2026-11-30T14:25:07Z
+    store = SqliteStore(tmp_path / "ledger.sqlite3")
+    try:
+        page_key, key = await create_api_key(store, name="demo", credits=100_000, now=now - 90 * 86400)
+        other, _ = await create_api_key(store, name="other", credits=100_000, now=now - 90 * 86400)
+        settled = [  # (key, hours ago, charged, usage)
+            (page_key, 0.2, 40, Usage(100, 20, 30)), (page_key, 0.3, 60, Usage(10, 0, 50)),
+            (page_key, 23.0, 7, None), (page_key, 30.0, 500, Usage(1, 1, 1)), (page_key, 24 * 45, 9999, Usage(9, 9, 9)),
+            (other, 0.1, 777, Usage(5, 5, 5)),
+        ]
+        for record, hours_ago, charged, usage in settled:
+            at = now - hours_ago * 3600
+            reservation = await store.reserve(record.key_id, 10_000, ttl_s=600, now=at - 1)
+            await store.settle(reservation.reservation_id, charged, now=at, usage=usage)
+        voided = await store.reserve(page_key.key_id, 1000, ttl_s=600, now=now - 60)
+        await store.void(voided.reservation_id, now=now - 30)
+        sources.write_key_file(tmp_path / sources.API_KEY_FILE, key)
+        ctx = await sources.gateway_context(settings=Settings(data_dir=tmp_path), store=store, served_model="m",
+                                            phase="ready", eta_s=None, now=now)
+    finally:
+        await store.close()
+    panel = ctx.usage
+    assert panel is not None and panel.available and panel.key_id == page_key.key_id
+    assert len(panel.hourly.buckets) == 24 and len(panel.daily.buckets) == 30
+    assert panel.hourly.totals.as_json() == {"requests": 3, "prompt_tokens": 110, "cached_tokens": 20,
+                                             "completion_tokens": 80, "credits": 107}
+    assert panel.daily.totals.as_json() == {"requests": 4, "prompt_tokens": 111, "cached_tokens": 21,
+                                            "completion_tokens": 81, "credits": 607}
+    assert [b.credits for b in panel.hourly.with_requests] == [7, 100]  # 23 h ago; both in the current hour
+    assert ctx.remaining_credits == 100_000 - 607 - 9999
+
+
+async def test_gateway_context_without_usage_says_why(tmp_path):
+    from r1nest.errors import StoreUnavailable
+    from r1nest.accounts import create_api_key
+    from r1nest.keys import new_key
+
+    store = MemoryStore()
+    _, stranger = new_key()  # a key file whose key is not in this ledger
+    sources.write_key_file(tmp_path / sources.API_KEY_FILE, stranger)
+    ctx = await sources.gateway_context(settings=Settings(data_dir=tmp_path), store=store, served_model="m",
+                                        phase="ready", eta_s=None)
+    assert not ctx.usage.available and ctx.usage.note == sources.GATEWAY_NO_KEY_NOTE
+
+    class LedgerDown(MemoryStore):  # the fault on demand: the ledger stops answering usage queries
+        async def usage(self, **_):
+            raise StoreUnavailable("database is locked")
+
+    down = LedgerDown()
+    _, key = await create_api_key(down, name="demo", credits=5, now=1.0)
+    sources.write_key_file(tmp_path / sources.API_KEY_FILE, key)
+    ctx = await sources.gateway_context(settings=Settings(data_dir=tmp_path), store=down, served_model="m",
+                                        phase="ready", eta_s=None)
+    assert ctx.remaining_credits == 5 and not ctx.usage.available
+    assert "could not be read just now" in ctx.usage.note and "locked" not in ctx.usage.note

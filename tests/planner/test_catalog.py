@@ -126,3 +126,76 @@ def test_a_directory_without_config_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read"):
         local_model(tmp_path)
+
+
+# --- weights revisions ---------------------------------------------------------------------------
+
+
+def test_every_catalog_entry_pins_a_commit_or_says_why_not() -> None:
+    from r1nest.catalog import revision_problem
+
+    problems = [p for p in (revision_problem(spec) for spec in MODELS.values()) if p]
+    assert not problems, problems
+    for spec in MODELS.values():
+        if spec.revision_pinned:
+            assert f"/commit/{spec.revision}" in spec.revision_source, spec.id  # where it is recorded
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"revision": ""}, "no weights revision"),
+        ({"revision": "main"}, "neither a 40-hex Hub commit"),
+        ({"revision": "56d4cbb"}, "neither a 40-hex Hub commit"),  # an abbreviated sha is not a pin
+        ({"revision": "unpinned", "revision_source": " "}, "unpinned without a reason"),
+        ({"revision": "0" * 40, "revision_source": ""}, "without a source"),
+    ],
+)
+def test_a_catalog_entry_without_a_usable_revision_is_caught(change: dict, message: str) -> None:
+    from dataclasses import replace
+
+    from r1nest.catalog import revision_problem
+
+    bad = replace(get_model("deepseek-r1-distill-qwen-7b"), **change)
+    assert message in (revision_problem(bad) or "")
+
+
+def test_pinned_revisions_reach_both_engines_and_unpinned_ones_say_so() -> None:
+    from r1nest.engines import build_profile
+
+    for spec in MODELS.values():
+        for engine in ("vllm", "sglang"):
+            profile = build_profile(engine, spec, hardware_class="hopper", nodes=1, gpus_per_node=8,
+                                    tp=8, context=spec.default_context)
+            assert profile.revision == spec.engine_revision
+            assert profile.flag_value("--revision") == spec.engine_revision, (spec.id, engine)
+            if not spec.revision_pinned:
+                assert any("unpinned" in note for note in profile.notes)
+
+
+def test_local_checkpoints_carry_no_revision(tmp_path: Path) -> None:
+    from r1nest.catalog import revision_problem
+    from r1nest.tinymodel import model_config
+
+    spec = local_model(_write_checkpoint(tmp_path / "tiny", model_config("qwen2", vocab_size=1024, bos_id=0,
+                                                                          eos_id=1)))
+    assert spec.revision == "" and spec.engine_revision is None and revision_problem(spec) is None
+
+
+def test_the_overview_page_shows_the_weights_revision() -> None:
+    from r1nest.overview.context import OverviewContext
+    from r1nest.overview.render import render_overview
+
+    def page(**extra: str) -> str:
+        ctx = OverviewContext(model=extra.pop("model", "deepseek-r1"), engine="vllm",
+                              public_endpoint="http://203.0.113.7:8000", internal_endpoint_note="none",
+                              model_repo="deepseek-ai/DeepSeek-R1", **extra)
+        return render_overview(ctx)
+
+    pinned = MODELS["deepseek-r1"].revision
+    assert f'title="{pinned}"' in page() and pinned[:12] in page()
+    downloaded = "0123456789abcdef0123456789abcdef01234567"
+    assert f'title="{downloaded}"' in page(model_revision=downloaded)
+    assert 'id="weights-revision" title="unpinned"' in page(model="deepseek-r1-zero")
+    with pytest.raises(ConfigError):
+        page(model_revision="main")

@@ -35,3 +35,20 @@ def test_catalog_table_matches_the_catalog() -> None:
         bf16, fp8 = (int(x.replace(",", "")) for x in row[5].split(" / "))
         assert (bf16, fp8) == (spec.kv_bytes_per_token("bf16"), spec.kv_bytes_per_token("fp8"))
         assert row[6] == f"{spec.native_context:,}"
+
+
+def test_weights_revision_table_matches_the_catalog() -> None:
+    for model_id, spec in MODELS.items():
+        row = next(r for r in _rows(f"`{model_id}`") if len(r) == 2)
+        if spec.revision_pinned:
+            assert f"`{spec.revision}`" in row[1] and f"/commit/{spec.revision}" in row[1], model_id
+        else:
+            assert row[1].startswith("unpinned"), model_id
+            assert f"**`{model_id}` is unpinned.**" in DOC  # the reason is written down
+
+
+def test_the_aws_multinode_sources_are_cited() -> None:
+    for url in ("https://github.com/deepseek-ai/DeepEP/issues/369",
+                "https://github.com/vllm-project/vllm/issues/27898",
+                "https://github.com/vllm-project/vllm/pull/41183"):
+        assert url in DOC, url

@@ -86,6 +86,8 @@ def test_sglang_accepts_every_profile(
             assert os.path.isfile(args.chat_template)
         if profile.dp > 1:
             assert args.attn_dp_size == profile.dp
+        assert args.enable_cache_report  # cached prompt tokens in every usage (cache-hit pricing)
+        assert not args.disable_radix_cache
 
 
 def test_sglang_profiles_cover_the_hard_cases() -> None:
@@ -114,3 +116,28 @@ def test_sglang_without_a_secrets_file_is_refused() -> None:
     _, profile = PROFILES[0]
     with pytest.raises(ConfigError):
         engine_argv(profile, host="127.0.0.1", port=8100)
+
+
+def test_revision_and_hopper_attention_survive_sglangs_own_resolution(
+    sglang_cli: dict[str, Any], secrets_dir: Path
+) -> None:
+    """What prepare_server_args keeps: the pinned --revision, and fa3 (not FlashMLA) for MLA on Hopper."""
+    seen_hopper = 0
+    for label, profile in PROFILES:
+        argv = engine_argv(profile, host="127.0.0.1", port=8100, node_rank=0,
+                           head_address="10.0.0.1" if profile.nodes > 1 else None, secrets_dir=str(secrets_dir))
+        args = check_argv(sglang_cli, argv)
+        assert args.revision == profile.revision, label
+        if profile.hardware_class == "hopper" and "deepseek-r1" in label and "distill" not in label:
+            seen_hopper += 1
+            assert args.attention_backend == "fa3", label
+            if profile.kv_cache_dtype == "fp8":
+                assert args.kv_cache_dtype == "fp8_e4m3", label  # the FP8 KV FA3 takes
+    assert seen_hopper > 10
+
+
+def test_multinode_dp_attention_uses_deepep_only_on_infiniband() -> None:
+    for label, profile in PROFILES:
+        if profile.nodes > 1 and profile.dp > 1 and profile.ep > 1:
+            expected = "deepep" if profile.fabric == "infiniband" else "none"
+            assert profile.flag_value("--moe-a2a-backend") == expected, label

@@ -163,3 +163,77 @@ def test_a_planted_unknown_parser_fails(vllm_cli: dict[str, Any]) -> None:
     argv = _argvs(profile)[0] + ["--reasoning-parser", "deepseek-r1"]  # SGLang's spelling
     with pytest.raises((AssertionError, SystemExit, KeyError, ValueError)):
         check_values(check_argv(vllm_cli, argv))
+
+
+# --- attention on Hopper -------------------------------------------------------------------------
+
+
+def _backend_facts(name: str) -> tuple[Any, list[str]]:
+    """(supports_compute_capability, supported_kv_cache_dtypes) of vLLM's backend class `name`,
+    read from the installed vLLM's source: the GPU kernels a backend module imports are absent
+    from the CPU build, so the class itself cannot be imported here."""
+    import ast
+    import importlib.util
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    module, _, class_name = AttentionBackendEnum[name].value.rpartition(".")
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin, module
+    tree = ast.parse(open(spec.origin, encoding="utf-8").read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    dtypes: list[str] = []
+    supports = None
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "supported_kv_cache_dtypes":
+            dtypes = ast.literal_eval(node.value)
+        if isinstance(node, ast.FunctionDef) and node.name == "supports_compute_capability":
+            node.decorator_list = []
+            namespace: dict[str, Any] = {}
+            exec(compile(ast.Module([node], []), spec.origin, "exec"), {"DeviceCapability": object}, namespace)
+            supports = namespace[node.name]
+    assert supports is not None and dtypes, f"{name}: no capability/dtype declaration in {spec.origin}"
+    return (lambda major, minor: supports(None, SimpleNamespace(major=major, minor=minor))), dtypes
+
+
+def test_every_hopper_mla_profile_names_a_backend_vllm_runs_on_sm90() -> None:
+    hopper_mla = [(label, p) for label, p in PROFILES
+                  if p.hardware_class == "hopper" and "deepseek" in label and "distill" not in label]
+    assert len(hopper_mla) > 10
+    for label, profile in hopper_mla:
+        backend = profile.flag_value("--attention-backend")
+        assert backend in ("FLASHMLA", "FLASH_ATTN_MLA"), (label, backend)
+        supports, dtypes = _backend_facts(backend)
+        assert supports(9, 0), f"{label}: {backend} does not run on SM90"
+        kv = profile.flag_value("--kv-cache-dtype") or "auto"
+        assert kv in dtypes, f"{label}: {backend} has no {kv} KV cache"
+
+
+def test_the_backend_check_would_catch_a_backend_hopper_cannot_run() -> None:
+    supports, dtypes = _backend_facts("FLASHINFER_MLA")  # SM100 only
+    assert not supports(9, 0) and supports(10, 0)
+    supports, dtypes = _backend_facts("FLASH_ATTN_MLA")
+    assert "fp8" not in dtypes  # the reason FP8 KV names FLASHMLA
+
+
+def test_pinned_revisions_parse_as_vllm_revisions(vllm_cli: dict[str, Any]) -> None:
+    for _, profile in PROFILES:
+        if profile.revision:
+            args = _engine_args(check_argv(vllm_cli, _argvs(profile)[0]))
+            assert args.revision == profile.revision
+            assert args.tokenizer_revision in (None, profile.revision)  # vLLM: defaults to revision
+
+
+def test_every_profile_reports_cached_tokens_and_takes_a_thinking_budget(vllm_cli: dict[str, Any]) -> None:
+    """The gateway prices prompt-cache hits from `prompt_tokens_details.cached_tokens` and passes
+    `thinking_token_budget` on: each vLLM profile turns both on, as vLLM's own parser reads them."""
+    for label, profile in PROFILES:
+        if profile.engine != "vllm":
+            continue
+        for argv in _argvs(profile):
+            args = check_argv(vllm_cli, argv)
+            assert args.enable_prompt_tokens_details and args.enable_prefix_caching, label
+            engine_args = _engine_args(args)
+            config = engine_args.reasoning_config
+            assert (config.reasoning_start_str, config.reasoning_end_str) == ("<think>", "</think>"), label

@@ -7,11 +7,13 @@ dictionaries and `__main__.py` feeds it the stack's configuration.
 
     key                      type          default         meaning
     model                    string        (required)      catalog id, e.g. deepseek-r1-distill-qwen-7b
-    image                    string        (required)      service image reference (images/README.md)
-    allowedCidrs             list/CSV      (required)      who may reach the gateway port
+    allowedCidrs             list/CSV      (required)      who may reach the API
+    image                    string        built on box    a prebuilt service image instead (images/README.md)
+    domain                   DNS name      none            HTTPS on 443 at this name (ACM + Route 53 + ALB)
+    hostedZone               DNS name      domain's parent the Route 53 hosted zone holding `domain`
     engine                   vllm|sglang   vllm
     instanceType             string        planner's pick  override, e.g. g6e.xlarge
-    nodes                    int 1..8      planner's pick  instances per replica (multi-node engine)
+    nodes                    int 1..2      planner's pick  instances per replica (planner.MAX_NODES)
     replicas                 int 1..16     1               >1: load balancer + DynamoDB ledger
     context                  int           planner's pick  max context length in tokens
     availabilityZone         string        <region>a
@@ -33,19 +35,19 @@ from dataclasses import dataclass
 from typing import Literal
 
 from r1nest.errors import ConfigError
+from r1nest.planner import MAX_NODES  # one bound for the stack and the planner
 
 NAMESPACE = "r1nest"
 GATEWAY_PORT = 8000  # the only port ever opened (Computing Nest's documented port)
 ENGINE_PORT = 8100  # the engine's own listener: loopback only, never in a security group
 
-MAX_NODES = 8
 MAX_REPLICAS = 16
 MAX_CIDRS = 50  # a security group holds at most 60 rules by default
 MAX_CREDITS = 10**15
 
 KNOWN_KEYS = (
-    "model", "image", "allowedCidrs", "engine", "instanceType", "nodes", "replicas", "context",
-    "availabilityZone", "vpcId", "subnetId", "albSubnetIds", "spot", "pricePromptPerMtok",
+    "model", "image", "allowedCidrs", "domain", "hostedZone", "engine", "instanceType", "nodes", "replicas",
+    "context", "availabilityZone", "vpcId", "subnetId", "albSubnetIds", "spot", "pricePromptPerMtok",
     "priceCompletionPerMtok", "initialCredits",
 )
 
@@ -54,6 +56,7 @@ _VPC_RE = re.compile(r"^vpc-[0-9a-f]{8,17}$")
 _SUBNET_RE = re.compile(r"^subnet-[0-9a-f]{8,17}$")
 _AZ_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d[a-z]$")
 _REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
+_DNS_RE = re.compile(r"^(?=.{4,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,12 @@ class DeploymentArgs:
     """Everything the `r1nest:aws:Deployment` component needs; validated, typed, immutable."""
 
     model: str
-    image: str
     allowed_cidrs: tuple[str, ...]
     region: str
     availability_zone: str
+    image: str | None = None  # None: build the service image on the instance from this checkout
+    domain: str | None = None  # None: plain HTTP on the gateway port
+    hosted_zone: str | None = None  # set whenever domain is
     engine: Literal["vllm", "sglang"] = "vllm"
     instance_type: str | None = None
     nodes: int | None = None
@@ -81,6 +86,11 @@ class DeploymentArgs:
     @property
     def new_vpc(self) -> bool:
         return self.vpc_id is None
+
+    @property
+    def load_balanced(self) -> bool:
+        """An Application Load Balancer in front: several replicas, or HTTPS (it holds the certificate)."""
+        return self.replicas > 1 or self.domain is not None
 
 
 def _set_hint(key: str, example: str) -> str:
@@ -156,6 +166,28 @@ def _cidrs(values: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(normalised))
 
 
+def _domain(values: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """(domain, hosted zone): the zone defaults to the domain's parent (api.example.com ->
+    example.com), or the domain itself when it has two labels (example.com)."""
+    domain = (values.get("domain") or "").strip().lower().rstrip(".") or None
+    zone = (values.get("hostedZone") or "").strip().lower().rstrip(".") or None
+    if domain is None:
+        if zone is not None:
+            raise ConfigError(f"{NAMESPACE}:hostedZone only applies with {NAMESPACE}:domain")
+        return None, None
+    if not _DNS_RE.match(domain):
+        raise ConfigError(f"{NAMESPACE}:domain {domain!r} is not a DNS name such as api.example.com")
+    if zone is None:
+        labels = domain.split(".")
+        zone = domain if len(labels) <= 2 else ".".join(labels[1:])
+    if not _DNS_RE.match(zone) or not (domain == zone or domain.endswith("." + zone)):
+        raise ConfigError(
+            f"{NAMESPACE}:hostedZone {zone!r} does not hold {domain!r}: set it to the Route 53 hosted zone "
+            f"the name lives in, e.g. {_set_hint('hostedZone', 'example.com')}"
+        )
+    return domain, zone
+
+
 def parse_config(values: Mapping[str, str], *, region: str | None) -> DeploymentArgs:
     """`values`: the `r1nest:*` configuration without the namespace; `region`: `aws:region`."""
     unknown = sorted(set(values) - set(KNOWN_KEYS))
@@ -174,15 +206,10 @@ def parse_config(values: Mapping[str, str], *, region: str | None) -> Deployment
     if not model:
         raise ConfigError(f"{NAMESPACE}:model is not set: {_set_hint('model', 'deepseek-r1-distill-qwen-7b')} "
                           "(`r1nest plan --cloud aws --model ID` shows what each model needs)")
-    image = (values.get("image") or "").strip()
-    if not image:
-        raise ConfigError(
-            f"{NAMESPACE}:image is not set: the service image the instances run, built from "
-            f"images/vllm.Dockerfile and pushed to a registry they can pull from, e.g. "
-            f"{_set_hint('image', '123456789012.dkr.ecr.us-east-1.amazonaws.com/r1nest:vllm')}"
-        )
-    if not _IMAGE_RE.match(image):
+    image = (values.get("image") or "").strip() or None
+    if image is not None and not _IMAGE_RE.match(image):
         raise ConfigError(f"{NAMESPACE}:image {image!r} is not an image reference")
+    domain, hosted_zone = _domain(values)
 
     engine = (values.get("engine") or "vllm").strip().lower()
     if engine not in ("vllm", "sglang"):
@@ -212,15 +239,18 @@ def parse_config(values: Mapping[str, str], *, region: str | None) -> Deployment
             raise ConfigError(f"{subnet!r} is not a subnet id (subnet-...)")
     if alb_subnet_ids and vpc_id is None:
         raise ConfigError(f"{NAMESPACE}:albSubnetIds only applies with {NAMESPACE}:vpcId and subnetId")
-    if vpc_id is not None and replicas > 1 and len(alb_subnet_ids) < 2:
+    if vpc_id is not None and (replicas > 1 or domain) and len(alb_subnet_ids) < 2:
+        why = f"{NAMESPACE}:replicas > 1" if replicas > 1 else f"HTTPS ({NAMESPACE}:domain)"
         raise ConfigError(
-            f"{NAMESPACE}:replicas > 1 in an existing VPC needs a load balancer in two availability "
+            f"{why} in an existing VPC needs a load balancer in two availability "
             f"zones: {_set_hint('albSubnetIds', 'subnet-aaaa...,subnet-bbbb...')}"
         )
 
     return DeploymentArgs(
         model=model,
         image=image,
+        domain=domain,
+        hosted_zone=hosted_zone,
         allowed_cidrs=_cidrs(values),
         region=region,
         availability_zone=availability_zone,

@@ -8,8 +8,13 @@ What one deployment is made of (every resource is a child of the component and c
                  load balancer), all traffic between the nodes of the group, nothing else in
     keys         ApiKey and admin key drawn by pulumi_random in r1nest's key format, exported as
                  secret outputs and kept as SSM SecureString parameters
+    source       without `r1nest:image`: this checkout's source bundle (r1nest.cloud.bundle) as
+                 a private S3 object (public access blocked, ACLs off, SSE, TLS only); the node
+                 builds the service image from it at first boot. Its key is the bundle's SHA-256,
+                 so a changed checkout changes the user data and replaces the instances
     role         SSM Session Manager (no SSH key pair) + ssm:GetParameter on exactly the two key
-                 parameters (+ the ledger table, + pulling the image from ECR when it lives there)
+                 parameters (+ s3:GetObject on exactly the source bundle, + the ledger table,
+                 + pulling the image from ECR when it lives there)
     nodes        per replica: `plan.nodes` instances of `plan.instance_type` (Deep Learning Base
                  GPU AMI, IMDSv2 only, hop limit 1, encrypted gp3 root volume sized by the plan);
                  a primary network interface created first so the private address is known before
@@ -17,6 +22,10 @@ What one deployment is made of (every resource is a child of the component and c
     multi-node   a cluster placement group and EFA interfaces where the type has them
     replicas>1   an Application Load Balancer (health check on /health) and a DynamoDB table
                  (the ledger's own table_spec) shared by the gateways
+    domain       HTTPS: an ACM certificate validated through Route 53, the load balancer (also
+                 for one replica) with a TLS 1.3/1.2 listener on 443 and a redirect on 80, an
+                 alias record; the gateway port is then reachable from the load balancer only.
+                 Without a domain `pulumi up` warns that the API is plain HTTP
 
 The instance type, node count, root volume and the engine command all come from the planner.
 """
@@ -25,7 +34,9 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import pulumi
 import pulumi_aws as aws
@@ -51,6 +62,14 @@ CONTAINER_REPO_ROOT = "/opt/r1nest"
 
 ALB_IDLE_TIMEOUT_S = 4000  # the ALB maximum: reasoning streams are long
 HEALTH_PATH = "/health"
+HTTPS_PORT = 443
+HTTP_PORT = 80  # with a domain: only a redirect to HTTPS
+# TLS 1.3 and 1.2 with forward-secret AEAD ciphers only: ELB's recommended policy.
+TLS_POLICY = "ELBSecurityPolicy-TLS13-1-2-2021-06"
+
+# The checkout the stack packs when it builds the image on the instance (infra/aws/r1nest_aws/..)
+CHECKOUT_ROOT = Path(__file__).resolve().parents[3]
+BUNDLE_DIR = Path(tempfile.gettempdir()) / "r1nest-pulumi"
 
 _ECR_RE = re.compile(r"^(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com/([^:@]+)")
 
@@ -150,11 +169,15 @@ class Deployment(pulumi.ComponentResource):
 
         self._network(name, child)
         self._keys(name, child)
+        self._source(name, child)
         self.ledger_table = self._ledger(name, child) if args.replicas > 1 else None
         self._role(name, child)
-        self.load_balancer = self._load_balancer(name, child) if args.replicas > 1 else None
+        self.certificate_arn = self._certificate(name, child) if args.domain else None
+        self.load_balancer = self._load_balancer(name, child) if args.load_balanced else None
         self._nodes(name, child)
         self._outputs()
+        if not args.domain:
+            self.warn_plain_http()
 
     # -- network -----------------------------------------------------------------------------
     def _network(self, name: str, child: pulumi.ResourceOptions) -> None:
@@ -169,7 +192,7 @@ class Deployment(pulumi.ComponentResource):
                 tags=self._tags, opts=child,
             )
             zones = [args.availability_zone]
-            if args.replicas > 1:  # an ALB needs subnets in two zones
+            if args.load_balanced:  # an ALB needs subnets in two zones
                 other = aws.get_availability_zones_output(state="available", opts=pulumi.InvokeOptions(parent=self))
                 zones.append(other.names.apply(lambda names: next(z for z in names if z != args.availability_zone)))
             subnets = []
@@ -190,14 +213,17 @@ class Deployment(pulumi.ComponentResource):
             self.alb_subnet_ids = list(args.alb_subnet_ids)
 
         self.alb_security_group = None
-        if args.replicas > 1:
+        if args.load_balanced:
+            public_ports = (HTTPS_PORT, HTTP_PORT) if args.domain else (GATEWAY_PORT,)
             self.alb_security_group = aws.ec2.SecurityGroup(
                 f"{name}-alb", vpc_id=self.vpc_id,
-                description="r1nest load balancer: the gateway port from the allowed CIDRs",
+                description="r1nest load balancer: "
+                            + ("HTTPS (and HTTP, redirected)" if args.domain else "the gateway port")
+                            + " from the allowed CIDRs",
                 ingress=[aws.ec2.SecurityGroupIngressArgs(
-                    protocol="tcp", from_port=GATEWAY_PORT, to_port=GATEWAY_PORT,
-                    cidr_blocks=list(args.allowed_cidrs), description="r1nest gateway",
-                )],
+                    protocol="tcp", from_port=port, to_port=port,
+                    cidr_blocks=list(args.allowed_cidrs), description=f"r1nest API ({port})",
+                ) for port in public_ports],
                 egress=[aws.ec2.SecurityGroupEgressArgs(
                     protocol="tcp", from_port=GATEWAY_PORT, to_port=GATEWAY_PORT,
                     cidr_blocks=["0.0.0.0/0"], description="to the gateways",
@@ -257,6 +283,55 @@ class Deployment(pulumi.ComponentResource):
             tags=self._tags, opts=child,
         )
 
+    # -- source bundle -----------------------------------------------------------------------
+    def _source(self, name: str, child: pulumi.ResourceOptions) -> None:
+        """Without `r1nest:image`: this checkout's source bundle as a private S3 object, and the
+        image the node builds from it. With it: nothing (the node pulls that image)."""
+        self.bundle = None
+        self.source_object: aws.s3.BucketObjectv2 | None = None
+        if self.args.image is not None:
+            self.image = self.args.image
+            return
+        from r1nest.cloud.bundle import build_bundle
+
+        bundle = self.bundle = build_bundle(CHECKOUT_ROOT)
+        self.image = f"r1nest:{self.args.engine}-{bundle.short_hash}"  # a local tag, built at boot
+        bucket = self.source_bucket = aws.s3.Bucket(f"{name}-source", force_destroy=True, tags=self._tags, opts=child)
+        aws.s3.BucketOwnershipControls(  # ACLs off: only policies grant access
+            f"{name}-source", bucket=bucket.id,
+            rule=aws.s3.BucketOwnershipControlsRuleArgs(object_ownership="BucketOwnerEnforced"), opts=child,
+        )
+        block = aws.s3.BucketPublicAccessBlock(
+            f"{name}-source", bucket=bucket.id, block_public_acls=True, block_public_policy=True,
+            ignore_public_acls=True, restrict_public_buckets=True, opts=child,
+        )
+        aws.s3.BucketServerSideEncryptionConfiguration(
+            f"{name}-source", bucket=bucket.id,
+            rules=[aws.s3.BucketServerSideEncryptionConfigurationRuleArgs(
+                apply_server_side_encryption_by_default=(
+                    aws.s3.BucketServerSideEncryptionConfigurationRuleApplyServerSideEncryptionByDefaultArgs(
+                        sse_algorithm="AES256")),
+            )],
+            opts=child,
+        )
+        aws.s3.BucketPolicy(
+            f"{name}-source", bucket=bucket.id,
+            policy=bucket.arn.apply(lambda arn: json.dumps({
+                "Version": "2012-10-17",
+                "Statement": [{  # grants nothing; the instance role's own policy grants the one read
+                    "Sid": "TlsOnly", "Effect": "Deny", "Principal": "*", "Action": "s3:*",
+                    "Resource": [arn, f"{arn}/*"], "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+                }],
+            })),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[block]),
+        )
+        self.source_object = aws.s3.BucketObjectv2(
+            f"{name}-source", bucket=bucket.id, key=bundle.object_key,
+            source=pulumi.FileAsset(str(bundle.write(BUNDLE_DIR))), content_type="application/gzip",
+            server_side_encryption="AES256", tags=self._tags, opts=child,
+        )
+        self.source_object_arn = pulumi.Output.concat(bucket.arn, "/", self.source_object.key)
+
     # -- ledger ------------------------------------------------------------------------------
     def _ledger(self, name: str, child: pulumi.ResourceOptions) -> aws.dynamodb.Table:
         from r1nest.ledger.dynamodb import table_spec
@@ -276,16 +351,21 @@ class Deployment(pulumi.ComponentResource):
         )
         aws.iam.RolePolicyAttachment(f"{name}-ssm-core", role=role.name, policy_arn=SSM_CORE_POLICY_ARN, opts=child)
         table_arn = self.ledger_table.arn if self.ledger_table is not None else None
-        ecr = ecr_repository(self.args.image)
+        source_arn = self.source_object_arn if self.source_object is not None else None
+        ecr = ecr_repository(self.image)
 
         def policy(arns: list) -> str:
-            api_arn, admin_arn, ledger_arn = arns
+            api_arn, admin_arn, ledger_arn, bundle_arn = arns
             statements: list[dict] = [{
                 "Sid": "ReadDeploymentKeys", "Effect": "Allow", "Action": ["ssm:GetParameter"],
                 # SecureStrings under the AWS-managed key aws/ssm: SSM decrypts on the role's
                 # behalf, so no kms:Decrypt statement is needed.
                 "Resource": [api_arn, admin_arn],
             }]
+            if bundle_arn:
+                statements.append({
+                    "Sid": "ReadSourceBundle", "Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [bundle_arn],
+                })
             if ledger_arn:
                 statements.append({
                     "Sid": "SharedLedger", "Effect": "Allow",
@@ -306,12 +386,34 @@ class Deployment(pulumi.ComponentResource):
                 ]
             return json.dumps({"Version": "2012-10-17", "Statement": statements})
 
-        aws.iam.RolePolicy(
+        self.role_policy = aws.iam.RolePolicy(
             f"{name}-node", role=role.id,
-            policy=pulumi.Output.all(self.api_key_parameter.arn, self.admin_key_parameter.arn, table_arn).apply(policy),
+            policy=pulumi.Output.all(self.api_key_parameter.arn, self.admin_key_parameter.arn, table_arn,
+                                     source_arn).apply(policy),
             opts=child,
         )
         self.instance_profile = aws.iam.InstanceProfile(f"{name}-node", role=role.name, tags=self._tags, opts=child)
+
+    # -- HTTPS -------------------------------------------------------------------------------
+    def _certificate(self, name: str, child: pulumi.ResourceOptions) -> pulumi.Output[str]:
+        """An ACM certificate for the domain, validated by a DNS record in the hosted zone; the
+        ARN resolves once ACM has issued it."""
+        args = self.args
+        self.zone_id = aws.route53.get_zone_output(
+            name=args.hosted_zone, private_zone=False, opts=pulumi.InvokeOptions(parent=self)).zone_id
+        certificate = aws.acm.Certificate(
+            f"{name}-tls", domain_name=args.domain, validation_method="DNS", tags=self._tags, opts=child,
+        )
+        option = certificate.domain_validation_options[0]
+        record = aws.route53.Record(
+            f"{name}-tls-validation", zone_id=self.zone_id, name=option.resource_record_name,
+            type=option.resource_record_type, records=[option.resource_record_value], ttl=300,
+            allow_overwrite=True, opts=child,
+        )
+        validation = aws.acm.CertificateValidation(
+            f"{name}-tls", certificate_arn=certificate.arn, validation_record_fqdns=[record.fqdn], opts=child,
+        )
+        return validation.certificate_arn
 
     # -- load balancer -----------------------------------------------------------------------
     def _load_balancer(self, name: str, child: pulumi.ResourceOptions) -> aws.lb.LoadBalancer:
@@ -330,10 +432,28 @@ class Deployment(pulumi.ComponentResource):
             ),
             tags=self._tags, opts=child,
         )
+        forward = aws.lb.ListenerDefaultActionArgs(type="forward", target_group_arn=self.target_group.arn)
+        if self.certificate_arn is None:
+            aws.lb.Listener(f"{name}-gateway", load_balancer_arn=alb.arn, port=GATEWAY_PORT, protocol="HTTP",
+                            default_actions=[forward], tags=self._tags, opts=child)
+            return alb
         aws.lb.Listener(
-            f"{name}-gateway", load_balancer_arn=alb.arn, port=GATEWAY_PORT, protocol="HTTP",
-            default_actions=[aws.lb.ListenerDefaultActionArgs(type="forward", target_group_arn=self.target_group.arn)],
+            f"{name}-https", load_balancer_arn=alb.arn, port=HTTPS_PORT, protocol="HTTPS", ssl_policy=TLS_POLICY,
+            certificate_arn=self.certificate_arn, default_actions=[forward], tags=self._tags, opts=child,
+        )
+        aws.lb.Listener(
+            f"{name}-http", load_balancer_arn=alb.arn, port=HTTP_PORT, protocol="HTTP",
+            default_actions=[aws.lb.ListenerDefaultActionArgs(
+                type="redirect",
+                redirect=aws.lb.ListenerDefaultActionRedirectArgs(protocol="HTTPS", port=str(HTTPS_PORT),
+                                                                  status_code="HTTP_301"),
+            )],
             tags=self._tags, opts=child,
+        )
+        aws.route53.Record(
+            f"{name}-endpoint", zone_id=self.zone_id, name=self.args.domain, type="A",
+            aliases=[aws.route53.RecordAliasArgs(name=alb.dns_name, zone_id=alb.zone_id, evaluate_target_health=True)],
+            allow_overwrite=False, opts=child,
         )
         return alb
 
@@ -370,14 +490,17 @@ class Deployment(pulumi.ComponentResource):
                 if rank == 0:
                     head_ip = eni.private_ip
                 assert head_ip is not None
-                public_url = (self.load_balancer.dns_name if self.load_balancer is not None else eip.public_ip)
+                public_url = self._public_url(eip.public_ip, "/v1")
                 user_data = pulumi.Output.all(
                     public_url, eni.private_ip, head_ip, self.api_key_parameter.name,
                     self.admin_key_parameter.name,
                     self.ledger_table.name if self.ledger_table is not None else None,
                     self._trusted_proxies(),
+                    self.source_bucket.bucket if self.source_object is not None else None,
                 ).apply(lambda values, rank=rank: self._user_data(rank, *values))
-                instance = aws.ec2.Instance(node, opts=child,
+                # the node reads its keys and the source bundle at boot: both readable before it starts
+                ready = [self.role_policy] + ([self.source_object] if self.source_object is not None else [])
+                instance = aws.ec2.Instance(node, opts=pulumi.ResourceOptions(parent=self, depends_on=ready),
                                             **self._instance_args(node, ami.id, eni, placement, user_data, replica, rank))
                 aws.ec2.EipAssociation(node, allocation_id=eip.allocation_id, network_interface_id=eni.id,
                                        opts=pulumi.ResourceOptions(parent=self, depends_on=[instance]))
@@ -454,10 +577,34 @@ class Deployment(pulumi.ComponentResource):
             return VPC_CIDR
         return aws.ec2.get_vpc_output(id=self.args.vpc_id, opts=pulumi.InvokeOptions(parent=self)).cidr_block
 
-    def _user_data(self, rank: int, public_host: str, private_ip: str, head_ip: str,
+    def _public_url(self, public_ip: pulumi.Input[str], path: str) -> pulumi.Output[str]:
+        """The API as clients reach it: https://<domain>, else the load balancer or the Elastic IP
+        on the gateway port."""
+        if self.args.domain:
+            return pulumi.Output.from_input(f"https://{self.args.domain}{path}")
+        host = self.load_balancer.dns_name if self.load_balancer is not None else public_ip
+        return pulumi.Output.format("http://{0}:{1}{2}", host, GATEWAY_PORT, path)
+
+    def warn_plain_http(self) -> None:
+        """`pulumi up` says so when the API is unencrypted, and who can reach it."""
+        pulumi.log.warn(
+            f"r1nest: no r1nest:domain is set, so the API is served over unencrypted HTTP on port {GATEWAY_PORT}: "
+            f"API keys, prompts and answers cross the network in clear text. It is reachable from "
+            f"{', '.join(self.args.allowed_cidrs)} (r1nest:allowedCidrs). For HTTPS, set r1nest:domain to a "
+            "name in a Route 53 hosted zone of this account.",
+            resource=self,
+        )
+
+    def _user_data(self, rank: int, public_url: str, private_ip: str, head_ip: str,
                    api_parameter: str, admin_parameter: str, table: str | None,
-                   trusted_proxies: str | None = None) -> str:
-        from r1nest.cloud.userdata import CONTAINER_SECRETS_DIR, ENGINE_KEY_SENTINEL, NodeBoot, render_user_data
+                   trusted_proxies: str | None = None, source_bucket: str | None = None) -> str:
+        from r1nest.cloud.userdata import (
+            CONTAINER_SECRETS_DIR,
+            ENGINE_KEY_SENTINEL,
+            ImageBuild,
+            NodeBoot,
+            render_user_data,
+        )
         from r1nest.engines.base import engine_argv, engine_env, engine_secret_files
 
         args, planned = self.args, self.planned
@@ -472,7 +619,11 @@ class Deployment(pulumi.ComponentResource):
         boot = NodeBoot(
             deployment=self.deployment_name,
             region=args.region,
-            image=args.image,
+            image=self.image,
+            image_build=ImageBuild(
+                bucket=source_bucket, key=self.bundle.object_key, sha256=self.bundle.sha256,
+                dockerfile=f"images/{args.engine}.Dockerfile", with_efa=planned.efa_interfaces > 0,
+            ) if self.bundle is not None and source_bucket else None,
             node_rank=rank,
             nodes=planned.nodes,
             served_model=profile.served_model_name,
@@ -485,14 +636,14 @@ class Deployment(pulumi.ComponentResource):
             gateway_port=GATEWAY_PORT,
             engine_port=ENGINE_PORT,
             efa=planned.efa_interfaces > 0,
-            public_url=f"http://{public_host}:{GATEWAY_PORT}/v1",
+            public_url=public_url,
             internal_url=f"http://{private_ip}:{GATEWAY_PORT}/v1",
             price_prompt_per_mtok=args.price_prompt_per_mtok,
             price_completion_per_mtok=args.price_completion_per_mtok,
             initial_credits=args.initial_credits,
             store="dynamodb" if table else "sqlite",
             dynamodb_table=table,
-            ecr_registry=_ecr_registry(args.image),
+            ecr_registry=_ecr_registry(self.image),
             engine_secret_files=tuple(sorted(files.items())),
             # behind the ALB: its addresses are trusted proxies, and the ALB (not the internet)
             # holds connections open up to its idle timeout, so the gateway's header deadline
@@ -507,10 +658,9 @@ class Deployment(pulumi.ComponentResource):
     # -- outputs -----------------------------------------------------------------------------
     def _outputs(self) -> None:
         args, planned = self.args, self.planned
-        public_host = (self.load_balancer.dns_name if self.load_balancer is not None else self.head_public_ips[0])
-        self.public_endpoint = pulumi.Output.format("http://{0}:{1}/v1", public_host, GATEWAY_PORT)
+        self.public_endpoint = self._public_url(self.head_public_ips[0], "/v1")
         self.internal_endpoint = pulumi.Output.format("http://{0}:{1}/v1", self.head_private_ips[0], GATEWAY_PORT)
-        self.overview_url = pulumi.Output.format("http://{0}:{1}/overview", public_host, GATEWAY_PORT)
+        self.overview_url = self._public_url(self.head_public_ips[0], "/overview")
         self.instance_ids = pulumi.Output.all(*[i.id for i in self.instances])
         profile = planned.plan.profile  # type: ignore[attr-defined]
         self.outputs: dict[str, object] = {
@@ -535,7 +685,17 @@ class Deployment(pulumi.ComponentResource):
             "cost_microusd_per_hour": planned.plan.cost_microusd_per_hour * args.replicas,  # type: ignore[attr-defined]
             "api_key_parameter": self.api_key_parameter.name,
             "admin_key_parameter": self.admin_key_parameter.name,
+            # who can reach the public endpoint, and whether it is encrypted (the overview page says so)
+            "allowed_cidrs": ", ".join(args.allowed_cidrs),
+            "tls": "https" if args.domain else "none",
+            "image": self.image,
         }
+        if args.domain:
+            self.outputs["domain"] = args.domain
+        if self.bundle is not None:
+            self.outputs["source_bundle"] = pulumi.Output.format("s3://{0}/{1}", self.source_bucket.bucket,
+                                                                 self.bundle.object_key)
+            self.outputs["source_sha256"] = self.bundle.sha256
         if self.ledger_table is not None:
             self.outputs["ledger_table"] = self.ledger_table.name
         self.register_outputs(self.outputs)

@@ -36,6 +36,7 @@ class Registered:
     type: str
     name: str
     inputs: Mapping[str, Any]
+    id: str | None = None  # what the provider answered (tests: the mocks), to follow references
 
 
 def _of(resources: Iterable[Registered], *types: str) -> list[Registered]:
@@ -165,25 +166,27 @@ def ingress_rules(resources: Sequence[Registered]) -> list[IngressRule]:
 
 
 def only_gateway_port_open(resources: Sequence[Registered], *, allowed_cidrs: Sequence[str],
-                           gateway_port: int) -> list[str]:
-    """Ingress from addresses: only TCP `gateway_port`, only from `allowed_cidrs` (so 0.0.0.0/0
-    only when the configuration says so). Ingress from groups: the gateway port (load balancer)
-    or traffic inside the deployment's own group."""
+                           gateway_port: int, https_ports: Sequence[int] = ()) -> list[str]:
+    """Ingress from addresses: only TCP `gateway_port` (with a domain: only the load balancer's
+    `https_ports`, 443 and the redirecting 80), only from `allowed_cidrs` (so 0.0.0.0/0 only when
+    the configuration says so). Ingress from groups: the gateway port (load balancer) or traffic
+    inside the deployment's own group."""
     allowed = [ipaddress.ip_network(c) for c in allowed_cidrs]
+    ports = (gateway_port, *https_ports)
     problems = []
     for rule in ingress_rules(resources):
         if rule.self_only:
             continue
-        exact_gateway = rule.protocol in ("tcp", "6") and rule.from_port == rule.to_port == gateway_port
-        if not exact_gateway:
+        exact_port = rule.protocol in ("tcp", "6") and rule.from_port == rule.to_port and rule.from_port in ports
+        if not exact_port:
             problems.append(f"{rule.owner}: ingress {rule.protocol} {rule.from_port}-{rule.to_port} "
-                            f"(only tcp {gateway_port} may be open)")
+                            f"(only tcp {', '.join(map(str, ports))} may be open)")
             continue
         for cidr in rule.cidrs:
             network = ipaddress.ip_network(cidr, strict=False)
             if not any(network.version == a.version and network.subnet_of(a) for a in allowed):  # type: ignore[arg-type]
                 world = " (the whole internet)" if cidr in WORLD else ""
-                problems.append(f"{rule.owner}: port {gateway_port} open to {cidr}{world}, not an allowed CIDR")
+                problems.append(f"{rule.owner}: port {rule.from_port} open to {cidr}{world}, not an allowed CIDR")
     return problems
 
 
@@ -262,4 +265,139 @@ def iam_least_privilege(resources: Sequence[Registered], *, parameter_arns: Sequ
     for r in _of(resources, ROLE_POLICY_ATTACHMENT):
         if r.inputs.get("policyArn") != "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore":
             problems.append(f"{r.name}: managed policy {r.inputs.get('policyArn')} attached")
+    return problems
+
+
+# -- HTTPS --------------------------------------------------------------------------------------
+
+LISTENER = "aws:lb/listener:Listener"
+CERTIFICATE = "aws:acm/certificate:Certificate"
+CERTIFICATE_VALIDATION = "aws:acm/certificateValidation:CertificateValidation"
+DNS_RECORD = "aws:route53/record:Record"
+# TLS 1.3 (+ 1.2 with forward-secret AEAD ciphers only): ELB's recommended policies, no CBC, no TLS 1.0/1.1
+MODERN_TLS_POLICIES = (
+    "ELBSecurityPolicy-TLS13-1-2-2021-06",
+    "ELBSecurityPolicy-TLS13-1-2-Res-2021-06",
+    "ELBSecurityPolicy-TLS13-1-3-2021-06",
+)
+
+
+def _default_actions(listener: Registered) -> list[Mapping[str, Any]]:
+    return list(listener.inputs.get("defaultActions") or [])
+
+
+def https_only(resources: Sequence[Registered], *, domain: str, gateway_port: int) -> list[str]:
+    """With a domain: a DNS-validated ACM certificate for it, an HTTPS listener on 443 with a
+    modern TLS policy, plain HTTP only as a redirect to HTTPS, an alias record for the domain, and
+    the gateway port reachable from no address block at all (only from the load balancer)."""
+    problems = []
+    certificates = [r for r in _of(resources, CERTIFICATE) if r.inputs.get("domainName") == domain]
+    if not certificates:
+        problems.append(f"no ACM certificate for {domain}")
+    for r in certificates:
+        if r.inputs.get("validationMethod") != "DNS":
+            problems.append(f"{r.name}: certificate validated by {r.inputs.get('validationMethod')!r}, not DNS")
+    if not _of(resources, CERTIFICATE_VALIDATION):
+        problems.append("the certificate's validation is not awaited (no CertificateValidation)")
+    listeners = _of(resources, LISTENER)
+    https = [r for r in listeners if r.inputs.get("protocol") == "HTTPS"]
+    if not any(int(r.inputs.get("port", 0)) == 443 for r in https):
+        problems.append("no HTTPS listener on 443")
+    for r in https:
+        if r.inputs.get("sslPolicy") not in MODERN_TLS_POLICIES:
+            problems.append(f"{r.name}: TLS policy {r.inputs.get('sslPolicy')!r} is not one of {MODERN_TLS_POLICIES}")
+        if not r.inputs.get("certificateArn"):
+            problems.append(f"{r.name}: HTTPS listener without a certificate")
+    for r in listeners:
+        if int(r.inputs.get("port", 0)) == gateway_port:
+            problems.append(f"{r.name}: a listener on the gateway port {gateway_port}")
+        if r.inputs.get("protocol") != "HTTPS":
+            actions = _default_actions(r)
+            redirects = [a for a in actions if a.get("type") == "redirect"
+                         and (a.get("redirect") or {}).get("protocol") == "HTTPS"]
+            if not actions or len(redirects) != len(actions):
+                problems.append(f"{r.name}: plain {r.inputs.get('protocol')} on {int(r.inputs.get('port', 0))} "
+                                "serves the API instead of redirecting to HTTPS")
+    for rule in ingress_rules(resources):
+        if rule.cidrs and rule.covers(gateway_port):
+            problems.append(f"{rule.owner}: the gateway port {gateway_port} is open to {', '.join(rule.cidrs)}")
+    aliases = [r for r in _of(resources, DNS_RECORD)
+               if str(r.inputs.get("name", "")).rstrip(".") == domain and r.inputs.get("aliases")]
+    if not aliases:
+        problems.append(f"no alias record for {domain}")
+    return problems
+
+
+def plain_http_announced(outputs: Mapping[str, Any], warnings: Sequence[str]) -> list[str]:
+    """A deployment without HTTPS says so: a warning at `pulumi up` naming who can reach the
+    unencrypted endpoint, and outputs that let the overview page say it too."""
+    endpoint = str(outputs.get("public_endpoint", ""))
+    if endpoint.startswith("https://"):
+        return [] if outputs.get("tls") == "https" else ["an https endpoint whose tls output is not 'https'"]
+    problems = []
+    if outputs.get("tls") != "none":
+        problems.append(f"plain-HTTP endpoint {endpoint} with tls output {outputs.get('tls')!r}")
+    cidrs = [c.strip() for c in str(outputs.get("allowed_cidrs", "")).split(",") if c.strip()]
+    if not cidrs:
+        problems.append("no allowed_cidrs output: the overview page cannot say who reaches the endpoint")
+    said = [w for w in warnings if "unencrypted" in w.lower()]
+    if not said:
+        problems.append("no warning that the API is unencrypted HTTP")
+    elif not all(c in said[0] for c in cidrs):
+        problems.append("the plain-HTTP warning does not say who can reach the endpoint")
+    return problems
+
+
+# -- the source bundle in S3 --------------------------------------------------------------------
+
+BUCKET = "aws:s3/bucket:Bucket"
+BUCKET_OBJECTS = ("aws:s3/bucketObjectv2:BucketObjectv2", "aws:s3/bucketObject:BucketObject")
+PUBLIC_ACCESS_BLOCK = "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock"
+BUCKET_SSE = "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration"
+OWNERSHIP = "aws:s3/bucketOwnershipControls:BucketOwnershipControls"
+BUCKET_POLICY = "aws:s3/bucketPolicy:BucketPolicy"
+BUCKET_ACL = "aws:s3/bucketAcl:BucketAcl"
+_BLOCK_FLAGS = ("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls", "restrictPublicBuckets")
+
+
+def source_bundle_private(resources: Sequence[Registered], *, object_arns: Sequence[str]) -> list[str]:
+    """Every bucket: all public access blocked, ACLs disabled, encrypted at rest; no object or
+    bucket ACL and no bucket-policy statement grants anything; the only read anyone is granted
+    is s3:GetObject by the instance role on exactly the bundle object(s)."""
+    problems = []
+
+    def on(bucket: Registered, token: str) -> list[Registered]:
+        return [r for r in _of(resources, token) if r.inputs.get("bucket") in (bucket.id, bucket.inputs.get("bucket"))]
+
+    for bucket in _of(resources, BUCKET):
+        blocks = on(bucket, PUBLIC_ACCESS_BLOCK)
+        if not any(all(_truthy(b.inputs.get(flag)) for flag in _BLOCK_FLAGS) for b in blocks):
+            problems.append(f"{bucket.name}: public access is not fully blocked")
+        if not any(r.inputs.get("rule", {}).get("objectOwnership") == "BucketOwnerEnforced"
+                   for r in on(bucket, OWNERSHIP)):
+            problems.append(f"{bucket.name}: ACLs are not disabled (object ownership not BucketOwnerEnforced)")
+        algorithms = [((rule.get("applyServerSideEncryptionByDefault") or {}).get("sseAlgorithm"))
+                      for r in on(bucket, BUCKET_SSE) for rule in r.inputs.get("rules") or []]
+        if not any(a in ("AES256", "aws:kms", "aws:kms:dsse") for a in algorithms):
+            problems.append(f"{bucket.name}: no default server-side encryption")
+        if bucket.inputs.get("acl") not in (None, "private") or on(bucket, BUCKET_ACL):
+            problems.append(f"{bucket.name}: a bucket ACL ({bucket.inputs.get('acl')!r})")
+        for policy in on(bucket, BUCKET_POLICY):
+            for statement in _statements(policy.inputs.get("policy")):
+                if statement.get("Effect") == "Allow":
+                    public = statement.get("Principal") in ("*", {"AWS": "*"})
+                    problems.append(f"{policy.name}: the bucket policy grants {statement.get('Action')}"
+                                    + (" to everyone" if public else ""))
+    for r in _of(resources, *BUCKET_OBJECTS):
+        if r.inputs.get("acl") not in (None, "private"):
+            problems.append(f"{r.name}: object ACL {r.inputs.get('acl')!r}")
+    for r in _of(resources, ROLE_POLICY, POLICY):
+        for statement in _statements(r.inputs.get("policy")):
+            actions = _as_list(statement.get("Action"))
+            if statement.get("Effect") != "Allow" or not any(a.lower().startswith("s3:") for a in actions):
+                continue
+            if actions != ["s3:GetObject"]:
+                problems.append(f"{r.name}: S3 actions {actions}, not only s3:GetObject")
+            if sorted(_as_list(statement.get("Resource"))) != sorted(object_arns):
+                problems.append(f"{r.name}: S3 read on {statement.get('Resource')}, not exactly the source bundle")
     return problems

@@ -9,11 +9,21 @@ there) cloud-init writes:
   Store through the instance role (`aws ssm get-parameter --with-decryption`), draws the engine's
   own random key, and writes them into `/etc/r1nest/secrets/` (root, 0600). User data names the
   parameters, never their values.
+- `/usr/local/sbin/r1nest-image` (root, 0700), when the deployment builds its own image (no
+  `r1nest:image`): downloads the r1nest source bundle the stack uploaded to its private S3 bucket
+  (through the instance role), checks its SHA-256, and runs `docker build` of
+  `images/<engine>.Dockerfile` on top of the engine project's official image. Skipped when the
+  image of that hash is already there (a reboot).
 - `r1nest-engine.service` on every node: `r1nest doctor` first, then the service image running
   the engine command the planner produced (`engine_argv`, this node's rank, the head's address).
 - `r1nest-gateway.service` on the head node only: registers the generated ApiKey with the ledger
   (`python -m r1nest.cloud.bootstrap`, idempotent) and runs `r1nest gateway` in front of the
   engine on loopback: the only listener the security group lets through.
+
+The scripts run as root under systemd, with no environment of their own. The tests run the very
+same scripts against a scratch directory through two variables that are unset on the box:
+`BOOT_ROOT` (a prefix for every path they write) and `BOOT_CONTAINER_UID` (the owner of the
+engine's key files, otherwise the image's user).
 """
 
 from __future__ import annotations
@@ -65,6 +75,27 @@ class UserDataError(ValueError):
 
 
 @dataclass(frozen=True)
+class ImageBuild:
+    """Where the r1nest source bundle lies and how to build the service image from it."""
+
+    bucket: str
+    key: str
+    sha256: str  # of the bundle: checked before anything in it is used
+    dockerfile: str  # inside the bundle, e.g. images/vllm.Dockerfile
+    with_efa: bool = False  # the Dockerfiles' WITH_EFA build argument
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise UserDataError("the source bundle's hash must be a SHA-256 hex digest")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", self.bucket):
+            raise UserDataError(f"{self.bucket!r} is not an S3 bucket name")
+        if not re.fullmatch(r"[A-Za-z0-9_./-]{1,512}", self.key):
+            raise UserDataError(f"{self.key!r} is not a source bundle key")
+        if not re.fullmatch(r"images/[a-z]+\.Dockerfile", self.dockerfile):
+            raise UserDataError("bad source bundle key or Dockerfile path")
+
+
+@dataclass(frozen=True)
 class NodeBoot:
     """One instance's boot description. Every field may be read by anyone with ec2:Describe*."""
 
@@ -90,6 +121,7 @@ class NodeBoot:
     store: Literal["sqlite", "dynamodb"] = "sqlite"
     dynamodb_table: str | None = None
     ecr_registry: str | None = None  # log in to it with the instance role before pulling
+    image_build: ImageBuild | None = None  # build `image` on the box instead of pulling it
     # files the engine reads its key from (SGLang), ENGINE_KEY_SENTINEL where the key goes;
     # written at boot into ENGINE_FILES_DIR, owned by the image's user, mounted read-only
     engine_secret_files: tuple[tuple[str, str], ...] = ()
@@ -165,35 +197,52 @@ def gateway_env(boot: NodeBoot) -> list[tuple[str, str]]:
     return pairs
 
 
+SECRETS_SCRIPT = "/usr/local/sbin/r1nest-secrets"
+IMAGE_SCRIPT = "/usr/local/sbin/r1nest-image"
+REGISTER_KEY_SCRIPT = "/usr/local/sbin/r1nest-register-key"
+BUILD_DIR = "/var/lib/r1nest/build"
+
+
+def _script_header(purpose: list[str]) -> list[str]:
+    return [
+        "#!/bin/bash",
+        *[f"# {line}" for line in purpose],
+        "set -euo pipefail",
+        "umask 077",
+        'ROOT="${BOOT_ROOT:-}"  # empty on the instance; a scratch directory in the tests',
+    ]
+
+
 def _secrets_script(boot: NodeBoot) -> str:
     secret_names = [name for name, value in boot.engine_env if value == ENGINE_KEY_SENTINEL]
     q = shlex.quote
-    lines = [
-        "#!/bin/bash",
-        "# Reads this deployment's keys from SSM Parameter Store through the instance role and",
-        "# writes them where only root can read them. Runs before the engine starts, every boot.",
-        "set -euo pipefail",
-        "umask 077",
-        f"install -d -m 0700 -o root -g root {SECRETS_DIR}",
+    lines = _script_header([
+        "Reads this deployment's keys from SSM Parameter Store through the instance role and",
+        "writes them where only root can read them. Runs before the engine starts, every boot.",
+    ]) + [
+        f'SECRETS="$ROOT"{SECRETS_DIR}',
+        f'FILES="$ROOT"{ENGINE_FILES_DIR}',
+        f'OWNER="${{BOOT_CONTAINER_UID:-{boot.container_uid}}}"',
+        'install -d -m 0700 "$SECRETS"',
         f"fetch() {{ aws ssm get-parameter --region {q(boot.region)} --with-decryption "
         '--name "$1" --query Parameter.Value --output text; }',
-        f"if [ ! -s {SECRETS_DIR}/engine_key ]; then openssl rand -hex 32 > {SECRETS_DIR}/engine_key; fi",
-        f'ENGINE_KEY="$(cat {SECRETS_DIR}/engine_key)"',
+        'if [ ! -s "$SECRETS/engine_key" ]; then openssl rand -hex 32 > "$SECRETS/engine_key"; fi',
+        'ENGINE_KEY="$(cat "$SECRETS/engine_key")"',
         "{",
         *[f"  printf '%s=%s\\n' {q(name)} \"$ENGINE_KEY\"" for name in secret_names],
         "  true",
-        f"}} > {SECRETS_DIR}/engine.env",
-        f"install -d -m 0700 -o {boot.container_uid} {ENGINE_FILES_DIR}",
+        '} > "$SECRETS/engine.env"',
+        'install -d -m 0700 -o "$OWNER" "$FILES"',
     ]
     for file_name, template in boot.engine_secret_files:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", file_name) or "R1NEST_EOF" in template:
             raise UserDataError(f"bad engine secret file {file_name!r}")
-        target = f"{ENGINE_FILES_DIR}/{file_name}"
+        target = f'"$FILES/{file_name}"'
         lines += [
             f"sed \"s/{ENGINE_KEY_SENTINEL}/$ENGINE_KEY/g\" > {target} <<'R1NEST_EOF'",
             template.rstrip("\n"),
             "R1NEST_EOF",
-            f"chown {boot.container_uid} {target}",
+            f'chown "$OWNER" {target}',
         ]
     if boot.ecr_registry:
         lines.append(
@@ -202,15 +251,46 @@ def _secrets_script(boot: NodeBoot) -> str:
         )
     if boot.is_head:
         lines += [
-            f"fetch {q(boot.api_key_parameter)} > {SECRETS_DIR}/api_key.tmp",
-            f"mv {SECRETS_DIR}/api_key.tmp {SECRETS_DIR}/api_key",
+            # assignments, so that a failed read stops the script (set -e) before any file is written
+            f"API_KEY=\"$(fetch {q(boot.api_key_parameter)})\"",
+            f"ADMIN_KEY=\"$(fetch {q(boot.admin_key_parameter)})\"",
+            'if [ -z "$API_KEY" ] || [ -z "$ADMIN_KEY" ]; then',
+            '  echo "r1nest-secrets: empty key parameter" >&2',
+            "  exit 1",
+            "fi",
+            'printf \'%s\\n\' "$API_KEY" > "$SECRETS/api_key.tmp"',
+            'mv "$SECRETS/api_key.tmp" "$SECRETS/api_key"',
             "{",
-            f"  printf 'R1NEST_ADMIN_KEY=%s\\n' \"$(fetch {q(boot.admin_key_parameter)})\"",
+            "  printf 'R1NEST_ADMIN_KEY=%s\\n' \"$ADMIN_KEY\"",
             "  printf 'R1NEST_UPSTREAM_KEY=%s\\n' \"$ENGINE_KEY\"",
-            f"}} > {SECRETS_DIR}/gateway.env.tmp",
-            f"mv {SECRETS_DIR}/gateway.env.tmp {SECRETS_DIR}/gateway.env",
+            '} > "$SECRETS/gateway.env.tmp"',
+            'mv "$SECRETS/gateway.env.tmp" "$SECRETS/gateway.env"',
         ]
     return "\n".join(lines) + "\n"
+
+
+def _image_script(boot: NodeBoot) -> str:
+    build = boot.image_build
+    assert build is not None
+    q = shlex.quote
+    return "\n".join(_script_header([
+        "Builds the service image from the r1nest source bundle of this deployment (a private S3",
+        "object, read through the instance role) on top of the engine's official image, pinned by",
+        "digest in the Dockerfile. Does nothing when the image of this bundle is already built.",
+    ]) + [
+        f"IMAGE={q(boot.image)}",
+        'if docker image inspect "$IMAGE" > /dev/null 2>&1; then exit 0; fi',
+        f'WORK="$ROOT"{BUILD_DIR}',
+        'rm -rf "$WORK"',
+        'install -d -m 0700 "$WORK/src"',
+        f"aws s3 cp --region {q(boot.region)} --only-show-errors "
+        f'{q(f"s3://{build.bucket}/{build.key}")} "$WORK/source.tar.gz"',
+        f"printf '%s  %s\\n' {build.sha256} \"$WORK/source.tar.gz\" | sha256sum --check --quiet",
+        'tar -xzf "$WORK/source.tar.gz" -C "$WORK/src" --no-same-owner',
+        f'DOCKER_BUILDKIT=1 docker build --file "$WORK/src/"{q(build.dockerfile)} '
+        f'--build-arg WITH_EFA={1 if build.with_efa else 0} --tag "$IMAGE" "$WORK/src"',
+        'rm -rf "$WORK"',
+    ]) + "\n"
 
 
 def _register_key_script(boot: NodeBoot) -> str:
@@ -231,8 +311,8 @@ def _register_key_script(boot: NodeBoot) -> str:
 
 def _units(boot: NodeBoot) -> list[tuple[str, dict[str, object]]]:
     engine_pre = [
-        "/usr/local/sbin/r1nest-secrets",
-        systemd_command(["/usr/bin/docker", "pull", boot.image]),
+        SECRETS_SCRIPT,
+        IMAGE_SCRIPT if boot.image_build else systemd_command(["/usr/bin/docker", "pull", boot.image]),
         systemd_command(_docker_run(
             boot, name="", gpus=True, env_files=[], volumes=[DATA_VOLUME],
             entrypoint=boot.doctor_argv[0], args=boot.doctor_argv[1:],
@@ -262,7 +342,7 @@ def _units(boot: NodeBoot) -> list[tuple[str, dict[str, object]]]:
         units.append((GATEWAY_UNIT, {
             "description": f"r1nest gateway on port {boot.gateway_port} ({boot.served_model})",
             "after": [ENGINE_UNIT], "requires": [ENGINE_UNIT], "container": "r1nest-gateway",
-            "exec_start_pre": ["/usr/local/sbin/r1nest-register-key"],
+            "exec_start_pre": [REGISTER_KEY_SCRIPT],
             "exec_start": systemd_command(gateway_start),
             "stop_timeout_s": 45,  # the gateway drains open streams first
         }))
@@ -293,12 +373,14 @@ def render_user_data(boot: NodeBoot) -> str:
     files: list[dict[str, str]] = [
         {"path": "/etc/r1nest/engine.env", "permissions": "0644",
          "content": _env_lines([(k, v) for k, v in boot.engine_env if v != ENGINE_KEY_SENTINEL])},
-        {"path": "/usr/local/sbin/r1nest-secrets", "permissions": "0700", "content": _secrets_script(boot)},
+        {"path": SECRETS_SCRIPT, "permissions": "0700", "content": _secrets_script(boot)},
     ]
+    if boot.image_build:
+        files.append({"path": IMAGE_SCRIPT, "permissions": "0700", "content": _image_script(boot)})
     if boot.is_head:
         files += [
             {"path": "/etc/r1nest/gateway.env", "permissions": "0644", "content": _env_lines(gateway_env(boot))},
-            {"path": "/usr/local/sbin/r1nest-register-key", "permissions": "0700",
+            {"path": REGISTER_KEY_SCRIPT, "permissions": "0700",
              "content": _register_key_script(boot)},
         ]
     units = _units(boot)

@@ -29,6 +29,16 @@ Mode = Literal["latency", "throughput"]
 #              API, the others run --headless with their --data-parallel-start-rank
 #   "nnodes"   SGLang: one server spread over --nnodes with --node-rank and --dist-init-addr
 MultiNode = Literal["single", "tp_pp", "dp_ep", "nnodes"]
+# The network between the nodes. AWS has EFA (libfabric + the aws-ofi-nccl plugin), not
+# InfiniBand: DeepEP's original inter-node kernels need InfiniBand GPUDirect Async (IBGDA) and do
+# not run over it (deepseek-ai/DeepEP#369, vllm-project/vllm#27898). "unknown" is planned like EFA.
+Fabric = Literal["efa", "infiniband", "unknown"]
+FABRICS: tuple[Fabric, ...] = ("efa", "infiniband", "unknown")
+# Expert all-to-all backends whose inter-node path is DeepEP's IBGDA kernels: never across EFA.
+IBGDA_ONLY_ALL2ALL: dict[str, tuple[str, frozenset[str]]] = {
+    "vllm": ("--all2all-backend", frozenset({"deepep_high_throughput", "deepep_low_latency"})),
+    "sglang": ("--moe-a2a-backend", frozenset({"deepep"})),
+}
 
 # Ports used between the nodes of one deployment (private network only).
 VLLM_MASTER_PORT = 29501
@@ -57,6 +67,8 @@ class EngineProfile:
     ep: int = 1
     mode: Mode = "latency"
     multinode: MultiNode = "single"
+    fabric: Fabric = "unknown"
+    revision: str | None = None  # the Hub commit the engine loads (--revision); None: main
     kv_cache_dtype: str = "auto"
     context: int = 0
     gpu_memory_utilization: float = 0.9
@@ -71,6 +83,33 @@ class EngineProfile:
     @property
     def dp_per_node(self) -> int:
         return max(1, self.dp // self.nodes)
+
+    def flag_value(self, flag: str) -> str | None:
+        """The value the shared args give `flag` (`--flag VALUE` or `--flag=VALUE`), or None."""
+        return flag_value(self.args, flag)
+
+
+def flag_values(argv: tuple[str, ...] | list[str], flag: str) -> list[str]:
+    """Every value `argv` gives `flag`, as `--flag VALUE` or `--flag=VALUE` (the last one wins)."""
+    args = list(argv)
+    values = []
+    for i, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            values.append(arg.split("=", 1)[1])
+        elif arg == flag and i + 1 < len(args):
+            values.append(args[i + 1])
+    return values
+
+
+def flag_value(argv: tuple[str, ...] | list[str], flag: str) -> str | None:
+    values = flag_values(argv, flag)
+    return values[-1] if values else None
+
+
+def ibgda_only_backend(engine: str, argv: tuple[str, ...] | list[str]) -> str | None:
+    """The IBGDA-only expert all-to-all an engine command line names anywhere, or None."""
+    flag, names = IBGDA_ONLY_ALL2ALL[engine]
+    return next((value for value in flag_values(argv, flag) if value in names), None)
 
 
 def engine_argv(

@@ -13,7 +13,13 @@ forwarded line by line with a prefix, the key redacted.
 The gateway's EngineState tells clients what is going on: `warming` (with an ETA) while the
 engine starts or restarts, `ready`, and `down` when it kept dying (the backoff's restart limit).
 
-Pure parts: `Backoff.delay_s()` (the restart schedule) and `estimate_startup_s()` (the ETA).
+What the engine really runs is recorded in the data dir (`engine-observed.json`, read by
+`r1nest doctor`): the attention backend it reports in its log, and the weights commit it loaded,
+resolved in the Hugging Face cache once it is ready (the catalog's pin, or for an unpinned model
+the commit `main` pointed to when it was downloaded). The same facts go to the log.
+
+Pure parts: `Backoff.delay_s()` (the restart schedule), `estimate_startup_s()` (the ETA) and
+`observe_line()` (what an engine log line says it chose).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -47,6 +54,7 @@ STOP_GRACE_S = 20.0  # SIGTERM -> SIGKILL
 MAX_LOG_LINE_CHARS = 4000
 STARTUP_RECORD_FILE = "engine-startups.json"
 MAX_STARTUP_RECORDS = 64
+OBSERVED_FILE = "engine-observed.json"
 
 LogSink = Callable[[str], None]
 
@@ -102,6 +110,54 @@ def redact(line: str, secrets_to_hide: tuple[str, ...]) -> str:
         if secret:
             line = line.replace(secret, "[redacted]")
     return line
+
+
+# What the engines log when they pick the attention kernels:
+#   vLLM (vllm/platforms/cuda.py): "Using AttentionBackendEnum.FLASHMLA backend." when named,
+#        "Using FLASH_ATTN_MLA attention backend out of potential backends: [...]" when chosen;
+#   SGLang: its resolved arguments, "server_args=ServerArgs(..., attention_backend='fa3', ...)".
+_VLLM_ATTENTION_RE = re.compile(r"\bUsing (?:AttentionBackendEnum\.)?([A-Z][A-Z0-9_]+) (?:attention )?backend\b")
+_SGLANG_ATTENTION_RE = re.compile(r"\battention_backend='([a-z0-9_]+)'")
+
+
+def observe_line(engine: str, line: str) -> dict[str, str]:
+    """What one engine log line says the engine chose ({"attention_backend": ...}), or {}."""
+    if engine == "vllm":
+        match = _VLLM_ATTENTION_RE.search(line)
+    else:
+        match = _SGLANG_ATTENTION_RE.search(line) if "server_args=" in line else None
+    return {"attention_backend": match.group(1)} if match else {}
+
+
+def resolved_revision(repo: str, pinned: str | None, cache_dir: Path) -> str | None:
+    """The commit of `repo` the Hugging Face cache serves: `pinned` when its snapshot is there,
+    else what refs/main points to (an unpinned model); None when neither is cached."""
+    repo_dir = cache_dir / ("models--" + repo.replace("/", "--"))
+    if pinned:
+        return pinned if (repo_dir / "snapshots" / pinned).is_dir() else None
+    try:
+        commit = (repo_dir / "refs" / "main").read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def read_observed(data_dir: Path) -> dict[str, str]:
+    try:
+        data = json.loads((data_dir / OBSERVED_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+
+
+def write_observed(data_dir: Path, observed: dict[str, str]) -> None:
+    path = data_dir / OBSERVED_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(observed, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("could not record what the engine runs in %s: %s", path, exc.strerror)
 
 
 # --- startup records (data dir) ---------------------------------------------------------------
@@ -239,6 +295,11 @@ class EngineSupervisor:
         self._stopping = False
         self._secrets_dir: tempfile.TemporaryDirectory[str] | None = None
         self._log_task: asyncio.Task[None] | None = None
+        # what this engine reports it runs (attention backend, weights commit): engine-observed.json
+        self.observed: dict[str, str] = {
+            "engine": profile.engine, "model": profile.model, "pinned_revision": profile.revision or "",
+            "planned_attention_backend": profile.flag_value("--attention-backend") or "",
+        }
 
     @property
     def url(self) -> str:
@@ -299,6 +360,9 @@ class EngineSupervisor:
             line = raw.decode("utf-8", "replace").rstrip()[:MAX_LOG_LINE_CHARS]
             if line:
                 self._log_sink(redact(line, hide))
+                seen = observe_line(self.profile.engine, line)
+                if seen and any(self.observed.get(k) != v for k, v in seen.items()):
+                    self._record(seen)
 
     async def _healthy(self, client: object) -> bool:
         import httpx
@@ -363,6 +427,7 @@ class EngineSupervisor:
                     self.last_startup_s = ready_at - started
                     self._remember_startup(self.last_startup_s)
                     log.info("engine ready after %.1f s", self.last_startup_s)
+                    self._record_weights()
                     self.state.set_ready()
                     self.ready_event.set()
                     await self._watch(process, client)
@@ -384,6 +449,23 @@ class EngineSupervisor:
                 self.state.set_warming(delay + self.eta_s)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop_event.wait(), delay)
+
+    def _record(self, facts: dict[str, str]) -> None:
+        self.observed.update(facts)
+        if self.data_dir is not None:
+            write_observed(self.data_dir, self.observed)
+
+    def _record_weights(self) -> None:
+        """Once ready: the weights commit the engine loaded, from the Hugging Face cache."""
+        if Path(self.profile.model).is_dir():
+            return  # a local checkpoint directory: no Hub commit
+        from r1nest.gpu_probe import hf_cache_dir
+
+        commit = resolved_revision(self.profile.model, self.profile.revision, hf_cache_dir())
+        how = "pinned" if self.profile.revision else "unpinned: main when downloaded"
+        log.info("weights: %s at commit %s (%s)", self.profile.model, commit or "not found in the cache", how)
+        if commit:
+            self._record({"weights_revision": commit})
 
     def _remember_startup(self, seconds: float) -> None:
         self.eta_s = seconds

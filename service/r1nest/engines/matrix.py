@@ -2,7 +2,8 @@
 
 The matrix covers the planner's choices (each catalog model on each cloud, in each mode and node
 count it accepts) plus every layout the profile builders accept directly (each model family on
-each hardware class, single and multi node), and the CPU profile of the tiny local models.
+each hardware class, single and multi node, FP8 and BF16 KV cache, EFA and InfiniBand between
+nodes), and the CPU profile of the tiny local models.
 Images and tests use it; it has no I/O.
 """
 
@@ -50,11 +51,13 @@ def profile_matrix(engine: EngineName) -> Iterator[tuple[str, EngineProfile]]:
                 ):
                     if engine == "sglang" and pp > 1:
                         tp, pp = tp * pp, 1
-                    kv = "fp8"
-                    yield (f"layout:{spec.id}:{hw}:n{nodes}tp{tp}pp{pp}dp{dp}",
-                           build_profile(engine, spec, hardware_class=hw, nodes=nodes,
-                                         gpus_per_node=8, tp=tp, pp=pp, dp=dp, mode=mode,
-                                         context=spec.default_context, kv_cache_dtype=kv))
+                    for kv in ("fp8", "auto"):
+                        for fabric in ("efa", "infiniband") if nodes > 1 else ("unknown",):
+                            yield (f"layout:{spec.id}:{hw}:n{nodes}tp{tp}pp{pp}dp{dp}:kv-{kv}:{fabric}",
+                                   build_profile(engine, spec, hardware_class=hw, nodes=nodes,
+                                                 gpus_per_node=8, tp=tp, pp=pp, dp=dp, mode=mode,
+                                                 context=spec.default_context, kv_cache_dtype=kv,
+                                                 fabric=fabric))
         else:
             for hw in ("ampere", "ada", "hopper", "blackwell"):
                 for tp, dp in ((1, 1), (2, 1), (4, 1), (8, 1), (1, 8), (2, 4)):

@@ -9,13 +9,20 @@ throughput; MTP through the EAGLE speculative path), the large-scale EP guide
   DP attention (--attn-dp-size N; older releases: --dp-size N --enable-dp-attention) gives each
   rank its own sequences and attention weights, for throughput.
 - FP8 KV cache: --kv-cache-dtype fp8_e4m3.
-- MTP: --speculative-algorithm EAGLE with the checkpoint's own NextN layer (no draft model path).
+- MTP: --speculative-algorithm EAGLE with the checkpoint's own NextN layer (no draft model path;
+  SGLang gives the draft the target's --revision).
+- Attention on Hopper is named: fa3 (sgl-kernel's FlashAttention-3, SGLang's own default for MLA
+  on Hopper; it takes an fp8_e4m3 KV cache), so nothing depends on FlashMLA's Hopper kernels.
+- Multi-node DP attention: DeepEP (--moe-a2a-backend deepep) only on an InfiniBand fabric; its
+  inter-node kernels need IBGDA, which EFA lacks (deepseek-ai/DeepEP#369). Elsewhere (AWS, or a
+  fabric not known) the expert all-to-all stays on NCCL collectives (--moe-a2a-backend none).
+- Weights: `--revision <commit>` when the catalog pins one.
 """
 
 from __future__ import annotations
 
 from r1nest.catalog import ModelSpec
-from r1nest.engines.base import PACKAGED_FILE_PREFIX, EngineProfile, Mode, MultiNode
+from r1nest.engines.base import PACKAGED_FILE_PREFIX, EngineProfile, Fabric, Mode, MultiNode
 from r1nest.hardware import HardwareClass
 
 MTP_ARGS = (
@@ -24,9 +31,11 @@ MTP_ARGS = (
     "--speculative-eagle-topk", "1",
     "--speculative-num-draft-tokens", "2",
 )
-# Named only where the choice matters for FP8 KV on MLA; elsewhere SGLang's own default
-# (FA3 on Hopper, aiter on ROCm) is left alone.
-ATTENTION_BACKEND: dict[str, str] = {"blackwell": "trtllm_mla"}
+# MLA attention, named where the choice matters: FP8 KV on Blackwell, and Hopper, where fa3 keeps
+# the FlashMLA kernels out of the picture. ROCm keeps SGLang's default (aiter).
+ATTENTION_BACKEND: dict[str, str] = {"hopper": "fa3", "blackwell": "trtllm_mla"}
+# Expert all-to-all between nodes: DeepEP needs IBGDA (InfiniBand); "none" is NCCL collectives.
+MULTINODE_A2A: dict[str, str] = {"infiniband": "deepep", "efa": "none", "unknown": "none"}
 
 
 def sglang_profile(
@@ -43,6 +52,7 @@ def sglang_profile(
     kv_cache_dtype: str = "auto",
     gpu_memory_utilization: float = 0.85,
     speculative: bool | None = None,
+    fabric: Fabric = "unknown",
 ) -> EngineProfile:
     if hardware_class == "cpu":
         raise ValueError("r1nest plans SGLang for GPUs only; use vLLM's CPU build on CPUs")
@@ -52,6 +62,8 @@ def sglang_profile(
         "--mem-fraction-static", f"{gpu_memory_utilization:.2f}",
         "--tp-size", str(world),
     ]
+    if model.engine_revision:
+        args += ["--revision", model.engine_revision]
     notes: list[str] = []
     ep = 1
     multinode: MultiNode = "nnodes" if nodes > 1 else "single"
@@ -64,8 +76,10 @@ def sglang_profile(
         ep = world
         args += ["--ep-size", str(ep)]
         if nodes > 1 and dp > 1:
-            args += ["--moe-a2a-backend", "deepep"]
-            notes.append("DeepEP all-to-all between nodes")
+            a2a = MULTINODE_A2A[fabric]
+            args += ["--moe-a2a-backend", a2a]
+            notes.append("DeepEP all-to-all between nodes (InfiniBand, IBGDA)" if a2a == "deepep" else
+                         f"expert all-to-all between nodes on NCCL collectives ({fabric} fabric: no DeepEP)")
         notes.append(f"experts sharded over {ep} GPUs (EP)")
     if kv_cache_dtype == "fp8":
         args += ["--kv-cache-dtype", "fp8_e4m3"]
@@ -77,7 +91,12 @@ def sglang_profile(
     if use_mtp and model.mtp_layers > 0:
         args += list(MTP_ARGS)
         notes.append("MTP speculative decoding (EAGLE path, 1 step)")
+    if not model.is_local and not model.engine_revision:
+        notes.append("weights unpinned: the engine loads the repository's main branch")
     args += ["--reasoning-parser", model.reasoning_parser_sglang]
+    # prompt-cache hits are priced apart: the radix cache is on by default; this reports the
+    # cached count in usage.prompt_tokens_details, as vLLM's --enable-prompt-tokens-details does
+    args.append("--enable-cache-report")
     if model.tool_call_parser_sglang:
         args += ["--tool-call-parser", model.tool_call_parser_sglang]
         if model.tool_chat_template:
@@ -97,6 +116,8 @@ def sglang_profile(
         ep=ep,
         mode=mode,
         multinode=multinode,
+        fabric=fabric,
+        revision=model.engine_revision,
         kv_cache_dtype=kv_cache_dtype,
         context=context,
         gpu_memory_utilization=gpu_memory_utilization,

@@ -7,7 +7,13 @@ Guide": TP8+EP for latency, DP8+EP for throughput), the expert-parallel deployme
 reasoning-outputs and tool-calling docs, and vLLM's own attention-backend table:
 - FP8 KV cache for MLA needs an MLA backend that supports it: FLASHMLA (SM90/SM100),
   FLASHINFER_MLA or CUTLASS_MLA (SM100 only), ROCM_AITER_MLA (MI300X). FLASH_ATTN_MLA, vLLM's
-  first choice on Hopper, has no FP8 KV, so the backend is named explicitly.
+  first choice on Hopper, has no FP8 KV, so the backend is named explicitly. On Hopper the
+  backend is always named (FLASHMLA with an FP8 KV cache, FLASH_ATTN_MLA with BF16): both are
+  compiled into the pinned image's wheel for SM90 (images/README.md, "FlashMLA on Hopper"), so
+  the choice does not depend on what a later FlashMLA release supports.
+- Multi-node DP+EP names its expert all-to-all: allgather_reducescatter (NCCL collectives), which
+  runs over EFA through the aws-ofi-nccl plugin; DeepEP's deepep_* kernels need IBGDA.
+- Weights: `--revision <commit>` when the catalog pins one (the tokenizer follows the revision).
 - DeepGEMM (VLLM_USE_DEEP_GEMM=1, vLLM's default) runs the FP8 block-scaled GEMMs and MoE on
   Hopper and Blackwell. Its JIT warm-up takes minutes on a fresh machine.
 - MTP: DeepSeek-V3's one next-token-prediction layer as a speculative drafter,
@@ -19,7 +25,7 @@ from __future__ import annotations
 import json
 
 from r1nest.catalog import ModelSpec
-from r1nest.engines.base import PACKAGED_FILE_PREFIX, EngineProfile, Mode, MultiNode
+from r1nest.engines.base import PACKAGED_FILE_PREFIX, EngineProfile, Fabric, Mode, MultiNode
 from r1nest.hardware import HardwareClass
 
 MLA_FP8_BACKEND: dict[str, str] = {
@@ -27,6 +33,12 @@ MLA_FP8_BACKEND: dict[str, str] = {
     "blackwell": "FLASHINFER_MLA",
     "mi300x": "ROCM_AITER_MLA",
 }
+# With a BF16 KV cache: vLLM's FlashAttention-3 MLA (vllm_flash_attn, SM90).
+MLA_BF16_BACKEND: dict[str, str] = {"hopper": "FLASH_ATTN_MLA"}
+# Multi-node DP+EP all-to-all: NCCL all-gather / reduce-scatter, on every fabric (EFA included).
+MULTINODE_ALL2ALL = "allgather_reducescatter"
+# R1's reasoning markers, for vLLM's per-request thinking budget (vllm/config/reasoning.py).
+REASONING_CONFIG = json.dumps({"reasoning_start_str": "<think>", "reasoning_end_str": "</think>"}, separators=(",", ":"))
 MTP_CONFIG = json.dumps({"method": "mtp", "num_speculative_tokens": 1}, separators=(",", ":"))
 CPU_KVCACHE_GIB = 1
 CPU_MAX_NUM_SEQS = 16
@@ -50,8 +62,11 @@ def vllm_profile(
     kv_cache_dtype: str = "auto",
     gpu_memory_utilization: float = 0.9,
     speculative: bool | None = None,
+    fabric: Fabric = "unknown",
 ) -> EngineProfile:
     args: list[str] = ["--max-model-len", str(context)]
+    if model.engine_revision:
+        args += ["--revision", model.engine_revision]
     env: dict[str, str] = {}
     notes: list[str] = []
     ep = 1
@@ -78,6 +93,9 @@ def vllm_profile(
         if nodes > 1:
             if dp > 1:
                 multinode = "dp_ep"
+                if model.is_moe:
+                    args += ["--all2all-backend", MULTINODE_ALL2ALL]
+                    notes.append(f"expert all-to-all between nodes: {MULTINODE_ALL2ALL} (NCCL; works over EFA)")
                 notes.append("DP+EP across nodes: rank 0 serves the API, the others --headless")
             else:
                 multinode = "tp_pp"
@@ -89,6 +107,9 @@ def vllm_profile(
         notes.append(f"FP8 MLA KV cache on {MLA_FP8_BACKEND[hardware_class]}")
     elif kv_cache_dtype == "fp8" and hardware_class != "cpu":
         args += ["--kv-cache-dtype", "fp8"]
+    elif model.uses_mla and hardware_class in MLA_BF16_BACKEND:
+        args += ["--attention-backend", MLA_BF16_BACKEND[hardware_class]]
+        notes.append(f"BF16 MLA KV cache on {MLA_BF16_BACKEND[hardware_class]}")
     if model.weight_dtype == "fp8" and hardware_class in ("hopper", "blackwell"):
         env["VLLM_USE_DEEP_GEMM"] = "1"
         notes.append("DeepGEMM FP8 kernels (JIT warm-up on first start)")
@@ -102,7 +123,13 @@ def vllm_profile(
         args += ["--speculative-config", MTP_CONFIG]
         notes.append("MTP speculative decoding (1 draft token)")
 
+    if not model.is_local and not model.engine_revision:
+        notes.append("weights unpinned: the engine loads the repository's main branch")
     args += ["--reasoning-parser", model.reasoning_parser_vllm]
+    # Prompt-cache hits are priced apart: prefix caching on (vLLM's default on GPUs; its CPU build
+    # turns it off for MLA models by itself) and the cached count reported in every usage object.
+    # The thinking budget (`thinking_token_budget`) needs R1's reasoning markers.
+    args += ["--enable-prefix-caching", "--enable-prompt-tokens-details", "--reasoning-config", REASONING_CONFIG]
     args += ["--disable-access-log-for-endpoints", QUIET_ACCESS_LOG_ENDPOINTS]
     if model.tool_call_parser_vllm:
         args += ["--enable-auto-tool-choice", "--tool-call-parser", model.tool_call_parser_vllm]
@@ -124,6 +151,8 @@ def vllm_profile(
         ep=ep,
         mode=mode,
         multinode=multinode,
+        fabric=fabric,
+        revision=model.engine_revision,
         kv_cache_dtype=kv_cache_dtype,
         context=context,
         gpu_memory_utilization=gpu_memory_utilization,

@@ -419,6 +419,7 @@ class Gateway:
         return await gateway_context(
             settings=self.settings, store=self.store, served_model=self.upstream_config.served_model,
             phase=self.state.phase, eta_s=self.state.eta_remaining_s(), request_base_url=request_base_url,
+            now=self.clock(),
         )
 
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from r1nest.errors import ConfigError
 from r1nest.keys import parse_key_id
+from r1nest.overview.usage_panel import UsagePanel
 
 Phase = Literal["ready", "warming", "down", "draining", "unknown"]
 PHASES: tuple[str, ...] = ("ready", "warming", "down", "draining", "unknown")
@@ -97,7 +98,10 @@ class OverviewContext:
     deployment: str = ""  # a short name: "local", "pulumi stack dev", "modal app r1nest"
     source: str = ""  # where the values came from, shown in the footer
     model_repo: str = ""  # e.g. deepseek-ai/DeepSeek-R1, when known
+    model_revision: str = ""  # the weights commit, when a source knows it; else the catalog's pin
     details: tuple[tuple[str, str], ...] = ()  # extra rows: ("instance type", "p5en.48xlarge")
+    reachable_from: str = ""  # who may reach the public endpoint, e.g. the allowed CIDRs, when known
+    usage: UsagePanel | None = None  # the key's recent usage; None: this source has no ledger (not the gateway)
 
     def __post_init__(self) -> None:
         if not _MODEL_RE.match(self.model):
@@ -117,11 +121,33 @@ class OverviewContext:
             not isinstance(self.remaining_credits, int) or isinstance(self.remaining_credits, bool)
         ):
             raise ConfigError("remaining credits must be an integer")
-        for name in ("internal_endpoint_note", "deployment", "source", "model_repo"):
+        if self.model_revision and not re.match(r"^[0-9a-f]{40}$", self.model_revision):
+            raise ConfigError(f"model revision {self.model_revision!r} is not a 40-hex commit")
+        for name in ("internal_endpoint_note", "deployment", "source", "model_repo", "reachable_from"):
             if len(getattr(self, name)) > _TEXT_LIMIT:
                 raise ConfigError(f"{name} is longer than {_TEXT_LIMIT} characters")
         if len(self.details) > 32:
             raise ConfigError("at most 32 detail rows")
+        if self.usage is not None and not isinstance(self.usage, UsagePanel):
+            raise ConfigError("usage must be a UsagePanel")
+
+    @property
+    def weights_revision(self) -> str:
+        """The weights commit to show: the source's, else the catalog's pin for this model,
+        "unpinned" for a catalog entry without one, "" when unknown."""
+        if self.model_revision:
+            return self.model_revision
+        from r1nest.catalog import MODELS
+
+        spec = MODELS.get(self.model) or next((m for m in MODELS.values() if m.hf_repo == self.model_repo), None)
+        return spec.revision if spec is not None else ""
+
+    @property
+    def unencrypted(self) -> bool:
+        """The public endpoint is plain HTTP to another machine: keys and prompts cross the
+        network in clear text (loopback is not a network)."""
+        host = urlsplit(self.public_endpoint).hostname or ""
+        return self.public_endpoint.startswith("http://") and host not in ("127.0.0.1", "localhost", "::1")
 
     @property
     def masked_key(self) -> str:

@@ -18,6 +18,7 @@ from markupsafe import Markup, escape
 
 from r1nest.overview.context import OverviewContext, mask_key
 from r1nest.overview.examples import Example, build_examples
+from r1nest.overview.usage_panel import bucket_label, bucket_text, summary_text, usage_chart
 from r1nest.paths import TEMPLATES_DIR
 
 STATIC_DIR = TEMPLATES_DIR / "static"
@@ -35,6 +36,10 @@ def _environment() -> jinja2.Environment:
     )
     env.globals["key_slot"] = _key_slot
     env.globals["segments"] = _segments
+    env.globals["usage_chart"] = usage_chart
+    env.globals["bucket_label"] = bucket_label
+    env.globals["bucket_text"] = bucket_text
+    env.globals["summary_text"] = summary_text
     return env
 
 

@@ -7,7 +7,8 @@ Each source turns what a deployment left behind into an OverviewContext:
 - Modal: the web URL of the deployed function (modal's `Function.from_name(...).get_web_url()`)
   and the ApiKey from the local key file written when the Modal secret was created;
 - local: `r1nest serve`'s settings and data dir (the deployment's ApiKey file, the ledger);
-- the gateway itself: `gateway_context()` for its /overview page.
+- the gateway itself: `gateway_context()` for its /overview page, with the key's balance and its
+  usage (overview/usage_panel.py) read from the gateway's ledger.
 
 Readiness and remaining credits are live values: `probe()` asks the deployment's /health and
 /v1/credits (short timeouts, failures become "unknown" with a reason, never an exception).
@@ -26,6 +27,7 @@ from typing import Any, Callable, Mapping
 from r1nest.errors import ConfigError
 from r1nest.files import write_private_text
 from r1nest.overview.context import OverviewContext, Readiness, api_base_url
+from r1nest.overview.usage_panel import UsagePanel, read_usage_panel
 
 # The deployment's ApiKey, as shown on its overview page (mode 0600, one line). `r1nest serve`
 # writes the demo key it creates here; the Modal deploy step writes the key it put in the secret.
@@ -39,6 +41,10 @@ PROBE_TIMEOUT_S = 5.0
 MODAL_INTERNAL_NOTE = (
     "Modal gives a deployment one public HTTPS URL and no private network address: code running "
     "on Modal calls the public endpoint too."
+)
+GATEWAY_NO_KEY_NOTE = (
+    "This page's ApiKey is not a key of this gateway's ledger, so there is no usage to show here; "
+    "`r1nest usage` shows every key's."
 )
 LOCAL_INTERNAL_NOTE = (
     "On one machine the gateway has no separate internal address; set R1NEST_INTERNAL_URL to show "
@@ -217,6 +223,7 @@ def from_pulumi_outputs(outputs: Mapping[str, Any], *, source: str = "the Pulumi
         source=source,
         model_repo=text("model_repo"),
         details=tuple(details),
+        reachable_from=text("allowed_cidrs"),
     )
 
 
@@ -318,20 +325,24 @@ def from_local(settings: Any) -> OverviewContext:
 
 async def gateway_context(
     *, settings: Any, store: Any, served_model: str, phase: str, eta_s: float | None, api_key: str | None = None,
-    request_base_url: str | None = None,
+    request_base_url: str | None = None, now: float | None = None,
 ) -> OverviewContext:
     """What the gateway's /overview shows: its settings, the deployment's ApiKey (given, or the
-    data dir's key file) and that key's balance read from the store. Without a configured public
-    URL, the public endpoint is the address the page was opened at (`request_base_url`)."""
+    data dir's key file), that key's balance and its usage of the last 24 hours and 30 days read
+    from the store. Without a configured public URL, the public endpoint is the address the page
+    was opened at (`request_base_url`)."""
     from r1nest.keys import parse_key_id
 
     if api_key is None:
         api_key = read_key_file(Path(settings.data_dir) / API_KEY_FILE)
     credits = None
+    usage = UsagePanel(None, note=GATEWAY_NO_KEY_NOTE)
     key_id = parse_key_id(api_key) if api_key else None
     if key_id is not None:
         record = await store.get_key(key_id)
         credits = record.remaining_credits if record is not None else None
+        if record is not None:
+            usage = await read_usage_panel(store, key_id, now=now)
     public, internal, note = local_endpoints(settings)
     if settings.public_url is None and request_base_url:
         try:
@@ -349,6 +360,7 @@ async def gateway_context(
         readiness=Readiness(phase if phase in ("ready", "warming", "down", "draining") else "unknown", eta_s=eta_s),  # type: ignore[arg-type]
         deployment="gateway",
         source="the running gateway",
+        usage=usage,
     )
 
 

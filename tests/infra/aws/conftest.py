@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,11 +31,14 @@ from r1nest_aws.policies import Registered  # noqa: E402
 
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
+# the three keys a user sets: nothing to build, the node builds the image from this checkout
 BASE_CONFIG = {
     "model": "deepseek-r1-distill-qwen-7b",
-    "image": f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/r1nest:vllm",
     "allowedCidrs": "203.0.113.0/24",
 }
+ECR_IMAGE = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/r1nest:vllm"
+ZONE_ID = "Z0123456789ABCDEFGHIJ"
+ALB_ZONE_ID = "Z35SXDOTRQ7X7K"
 
 
 class RecordingMocks(pulumi.runtime.Mocks):
@@ -44,13 +48,19 @@ class RecordingMocks(pulumi.runtime.Mocks):
         self.resources: list[Registered] = []
         self._count = 0
 
-    def _next(self) -> int:
+    def _next(self, args: pulumi.runtime.MockResourceArgs) -> int:
+        """A number of the resource's own, the same in every run (as AWS keeps a resource's id
+        and addresses in the stack's state): registration order varies between runs."""
         self._count += 1
-        return self._count
+        return zlib.crc32(f"{args.typ}/{args.name}".encode()) % 200 + 1
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
-        self.resources.append(Registered(args.typ, args.name, dict(args.inputs)))
-        n = self._next()
+        resource_id, outputs = self._answer(args)
+        self.resources.append(Registered(args.typ, args.name, dict(args.inputs), resource_id))
+        return resource_id, outputs
+
+    def _answer(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str, dict]:
+        n = self._next(args)
         outputs = dict(args.inputs)
         token = args.typ
         if token == "random:index/randomId:RandomId":
@@ -67,8 +77,22 @@ class RecordingMocks(pulumi.runtime.Mocks):
             outputs.update(primaryNetworkInterfaceId=f"eni-{n:08x}", arn=f"arn:aws:ec2:{REGION}:{ACCOUNT}:instance/i-{n:017x}")
             return f"i-{n:017x}", outputs
         elif token == "aws:lb/loadBalancer:LoadBalancer":
-            outputs.update(dnsName=f"{args.name}-1234.{REGION}.elb.amazonaws.com",
+            outputs.update(dnsName=f"{args.name}-1234.{REGION}.elb.amazonaws.com", zoneId=ALB_ZONE_ID,
                            arn=f"arn:aws:elasticloadbalancing:{REGION}:{ACCOUNT}:loadbalancer/app/{args.name}/1")
+        elif token == "aws:s3/bucket:Bucket":  # the id of a bucket is its name
+            bucket = f"{args.name}-{n:07x}"
+            outputs.update(bucket=bucket, arn=f"arn:aws:s3:::{bucket}")
+            return bucket, outputs
+        elif token == "aws:acm/certificate:Certificate":
+            outputs.update(arn=f"arn:aws:acm:{REGION}:{ACCOUNT}:certificate/{n:08x}", domainValidationOptions=[{
+                "domainName": args.inputs["domainName"], "resourceRecordType": "CNAME",
+                "resourceRecordName": f"_0a1b2c.{args.inputs['domainName']}.",
+                "resourceRecordValue": "_3d4e5f.acm-validations.aws.",
+            }])
+        elif token == "aws:acm/certificateValidation:CertificateValidation":
+            outputs["certificateArn"] = args.inputs["certificateArn"]
+        elif token == "aws:route53/record:Record":
+            outputs["fqdn"] = str(args.inputs["name"]).rstrip(".")
         elif token == "aws:dynamodb/table:Table":
             outputs.update(name=f"{args.name}-{n:04x}", arn=f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{args.name}-{n:04x}")
         elif token in ("aws:iam/role:Role", "aws:iam/instanceProfile:InstanceProfile"):
@@ -81,6 +105,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
         if args.token == "aws:ec2/getAmi:getAmi":
             return {"id": "ami-0123456789abcdef0", "name": "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) 20260101",
                     "architecture": "x86_64"}, []
+        if args.token == "aws:route53/getZone:getZone":
+            return {"zoneId": ZONE_ID, "id": ZONE_ID, "name": args.args["name"],
+                    "arn": f"arn:aws:route53:::hostedzone/{ZONE_ID}"}, []
         if args.token == "aws:index/getAvailabilityZones:getAvailabilityZones":
             return {"names": [f"{REGION}a", f"{REGION}b", f"{REGION}c"], "zoneIds": ["use1-az1", "use1-az2", "use1-az4"],
                     "id": REGION}, []

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "infra" / "aws"))
 from r1nest.errors import ConfigError  # noqa: E402
 from r1nest_aws.config import DeploymentArgs, parse_config  # noqa: E402
 
-BASE = {"model": "deepseek-r1-distill-qwen-7b", "image": "ghcr.io/example/r1nest:vllm", "allowedCidrs": "203.0.113.7/32"}
+BASE = {"model": "deepseek-r1-distill-qwen-7b", "allowedCidrs": "203.0.113.7/32"}
 
 
 def parse(region: str | None = "us-east-1", **values: str) -> DeploymentArgs:
@@ -22,10 +22,27 @@ def parse(region: str | None = "us-east-1", **values: str) -> DeploymentArgs:
 def test_defaults_and_types():
     args = parse()
     assert args == DeploymentArgs(
-        model="deepseek-r1-distill-qwen-7b", image="ghcr.io/example/r1nest:vllm", allowed_cidrs=("203.0.113.7/32",),
+        model="deepseek-r1-distill-qwen-7b", allowed_cidrs=("203.0.113.7/32",),
         region="us-east-1", availability_zone="us-east-1a",
     )
     assert args.new_vpc and args.replicas == 1 and args.spot is False and args.nodes is None
+    # nothing to build: no image means the node builds it from this checkout; no domain means HTTP
+    assert args.image is None and args.domain is None and not args.load_balanced
+
+
+def test_image_is_an_override():
+    assert parse(image="ghcr.io/example/r1nest:vllm").image == "ghcr.io/example/r1nest:vllm"
+
+
+@pytest.mark.parametrize("domain, zone, expected", [
+    ("api.example.com", None, ("api.example.com", "example.com")),
+    ("Example.com.", None, ("example.com", "example.com")),
+    ("r1.team.example.com", "example.com", ("r1.team.example.com", "example.com")),
+    ("example.co.uk", "example.co.uk", ("example.co.uk", "example.co.uk")),
+])
+def test_domain_and_its_hosted_zone(domain, zone, expected):
+    args = parse(domain=domain, **({"hostedZone": zone} if zone else {}))
+    assert (args.domain, args.hosted_zone) == expected and args.load_balanced
 
 
 def test_every_key_is_parsed_into_its_type():
@@ -46,14 +63,18 @@ def test_every_key_is_parsed_into_its_type():
 
 @pytest.mark.parametrize("values, region, says", [
     ({"model": ""}, "us-east-1", "pulumi config set r1nest:model"),
-    ({"image": ""}, "us-east-1", "pulumi config set r1nest:image"),
+    ({"domain": "not a name"}, "us-east-1", "is not a DNS name"),
+    ({"domain": "api.example.com", "hostedZone": "example.org"}, "us-east-1", "does not hold"),
+    ({"hostedZone": "example.com"}, "us-east-1", "only applies with r1nest:domain"),
+    ({"vpcId": "vpc-0123456789abcdef0", "subnetId": "subnet-0123456789abcdef0", "domain": "api.example.com"},
+     "us-east-1", "r1nest:albSubnetIds"),
     ({"allowedCidrs": ""}, "us-east-1", "pulumi config set r1nest:allowedCidrs"),
     ({}, None, "pulumi config set aws:region"),
     ({"allowedCidrs": "203.0.113.7"}, "us-east-1", "203.0.113.7/32"),  # ip_network accepts a host; normalised
     ({"allowedCidrs": "203.0.113.7/24"}, "us-east-1", "not a CIDR block"),
     ({"allowedCidrs": "2001:db8::/32"}, "us-east-1", "only IPv4"),
     ({"nodes": "two"}, "us-east-1", "r1nest:nodes must be a whole number"),
-    ({"nodes": "9"}, "us-east-1", "between 1 and 8"),
+    ({"nodes": "9"}, "us-east-1", "between 1 and 2"),  # planner.MAX_NODES
     ({"replicas": "0"}, "us-east-1", "between 1 and 16"),
     ({"spot": "maybe"}, "us-east-1", "true or false"),
     ({"engine": "tgi"}, "us-east-1", "vllm or sglang"),
@@ -73,6 +94,16 @@ def test_bad_configuration_says_what_to_set(values, region, says):
     with pytest.raises(ConfigError) as caught:
         parse(region=region, **values)
     assert says in str(caught.value)
+
+
+def test_nodes_are_bounded_by_the_planners_max_nodes():
+    from r1nest import planner
+    from r1nest_aws import config
+
+    assert config.MAX_NODES is planner.MAX_NODES
+    assert parse(nodes=str(planner.MAX_NODES)).nodes == planner.MAX_NODES
+    with pytest.raises(ConfigError, match=f"r1nest:nodes must be between 1 and {planner.MAX_NODES}"):
+        parse(nodes=str(planner.MAX_NODES + 1))
 
 
 def test_a_bad_configuration_stops_the_program_with_one_line_not_a_traceback(run_stack):

@@ -7,6 +7,7 @@ check must report it). A check that cannot go red proves nothing.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 import pulumi
@@ -287,3 +288,146 @@ def test_sizing_check_catches_a_planted_instance_type(run_stack):
 
     run = run_stack(plant=plant(INSTANCE, lambda props: props.__setitem__("instance_type", "g5.xlarge")))
     assert run.one(INSTANCE).inputs["instanceType"] != plan(run.config["model"], "aws").instance_type
+
+
+# -- HTTPS with a domain; a warning without one ---------------------------------------------------
+
+DOMAIN = "api.example.com"
+LISTENER = "aws:lb/listener:Listener"
+
+
+def test_a_domain_gets_https_on_443_a_redirect_on_80_and_no_public_gateway_port(run_stack):
+    run = run_stack(domain=DOMAIN)
+    assert policies.https_only(run.resources, domain=DOMAIN, gateway_port=GATEWAY_PORT) == []
+    assert policies.only_gateway_port_open(run.resources, allowed_cidrs=["203.0.113.0/24"], gateway_port=GATEWAY_PORT,
+                                           https_ports=(443, 80)) == []
+    # one node, still behind the load balancer that holds the certificate
+    assert len(run.of(INSTANCE)) == 1 and run.one("aws:lb/loadBalancer:LoadBalancer")
+    by_port = {int(listener.inputs["port"]): listener.inputs for listener in run.of(LISTENER)}
+    assert sorted(by_port) == [80, 443]
+    assert by_port[443]["sslPolicy"] == "ELBSecurityPolicy-TLS13-1-2-2021-06"
+    redirect = by_port[80]["defaultActions"][0]["redirect"]
+    assert redirect == {"protocol": "HTTPS", "port": "443", "statusCode": "HTTP_301"}
+    certificate = run.one("aws:acm/certificate:Certificate").inputs
+    assert (certificate["domainName"], certificate["validationMethod"]) == (DOMAIN, "DNS")
+    validation = run.one("aws:acm/certificateValidation:CertificateValidation").inputs
+    assert validation["validationRecordFqdns"] == [f"_0a1b2c.{DOMAIN}"]
+    assert by_port[443]["certificateArn"] == validation["certificateArn"]
+    records = {r.inputs["name"]: r.inputs for r in run.of("aws:route53/record:Record")}
+    assert records[DOMAIN]["aliases"][0]["name"].startswith("r1nest-alb-") and records[DOMAIN]["type"] == "A"
+    assert records[f"_0a1b2c.{DOMAIN}."]["records"] == ["_3d4e5f.acm-validations.aws."]
+    # the endpoints are https, and the gateway knows its public address
+    assert run.outputs["public_endpoint"] == f"https://{DOMAIN}/v1"
+    assert run.outputs["overview_url"] == f"https://{DOMAIN}/overview" and run.outputs["tls"] == "https"
+    (text,) = [t for _, t in policies.user_data_texts(run.resources)]
+    assert f"R1NEST_PUBLIC_URL=https://{DOMAIN}/v1" in text
+
+
+def _https_plant(kind: str) -> Callable[[Any], Any]:
+    if kind == "old-tls-policy":
+        return plant(LISTENER, lambda p: p.get("ssl_policy") and p.__setitem__("ssl_policy", "ELBSecurityPolicy-2016-08"))
+    if kind == "http-serves-the-api":
+        def forward(props: dict) -> None:
+            if int(props["port"]) == 80:
+                props["default_actions"] = [{"type": "forward", "target_group_arn": "arn:aws:tg"}]
+        return plant(LISTENER, forward)
+    if kind == "public-gateway-port":
+        return add_ingress({"protocol": "tcp", "from_port": GATEWAY_PORT, "to_port": GATEWAY_PORT,
+                            "cidr_blocks": ["203.0.113.0/24"]})
+    if kind == "listener-on-8000":
+        return plant(LISTENER, lambda p: p.__setitem__("port", GATEWAY_PORT) if int(p["port"]) == 80 else None)
+    if kind == "email-validation":
+        return plant("aws:acm/certificate:Certificate", lambda p: p.__setitem__("validation_method", "EMAIL"))
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["old-tls-policy", "http-serves-the-api", "public-gateway-port", "listener-on-8000",
+                                  "email-validation"])
+def test_https_check_reports_a_planted_violation(run_stack, kind):
+    run = run_stack(domain=DOMAIN, plant=_https_plant(kind))
+    assert policies.https_only(run.resources, domain=DOMAIN, gateway_port=GATEWAY_PORT)
+
+
+def test_the_https_check_fails_a_deployment_without_a_domain(run_stack):
+    assert policies.https_only(run_stack().resources, domain=DOMAIN, gateway_port=GATEWAY_PORT)
+
+
+@pytest.fixture
+def warnings_logged(monkeypatch) -> list[str]:
+    said: list[str] = []
+    monkeypatch.setattr(pulumi.log, "warn", lambda message, *a, **kw: said.append(message))
+    return said
+
+
+def test_without_a_domain_pulumi_up_warns_that_the_api_is_plain_http(run_stack, warnings_logged):
+    run = run_stack(allowedCidrs="203.0.113.7/32,198.51.100.0/24")
+    assert policies.plain_http_announced(run.outputs, warnings_logged) == []
+    (warning,) = [w for w in warnings_logged if "unencrypted" in w]
+    assert "203.0.113.7/32, 198.51.100.0/24" in warning and "r1nest:domain" in warning
+    assert run.outputs["tls"] == "none" and run.outputs["allowed_cidrs"] == "203.0.113.7/32, 198.51.100.0/24"
+    assert run.of("aws:lb/loadBalancer:LoadBalancer") == [] and run.of("aws:acm/certificate:Certificate") == []
+
+
+def test_with_a_domain_there_is_no_plain_http_warning(run_stack, warnings_logged):
+    run = run_stack(domain=DOMAIN)
+    assert policies.plain_http_announced(run.outputs, warnings_logged) == []
+    assert not [w for w in warnings_logged if "unencrypted" in w]
+
+
+def test_plain_http_check_reports_a_missing_warning(run_stack, warnings_logged, monkeypatch):
+    from r1nest_aws.deployment import Deployment
+
+    monkeypatch.setattr(Deployment, "warn_plain_http", lambda self: None)
+    run = run_stack()
+    assert policies.plain_http_announced(run.outputs, warnings_logged)
+
+
+# -- the source bundle: a private S3 object only the instance role reads --------------------------
+
+def _bundle_arns(run) -> list[str]:
+    return ["arn:aws:s3:::" + run.outputs["source_bundle"].removeprefix("s3://")]
+
+
+def test_the_source_bundle_is_private_and_only_the_instance_role_reads_it(run_stack):
+    run = run_stack()
+    arns = _bundle_arns(run)
+    assert policies.source_bundle_private(run.resources, object_arns=arns) == []
+    assert policies.iam_least_privilege(run.resources, parameter_arns=_parameter_arns(run)) == []
+    statements = json.loads(run.one("aws:iam/rolePolicy:RolePolicy").inputs["policy"])["Statement"]
+    (read,) = [s for s in statements if any(a.startswith("s3:") for a in s["Action"])]
+    assert read["Action"] == ["s3:GetObject"] and read["Resource"] == arns
+    (bucket_policy,) = run.of("aws:s3/bucketPolicy:BucketPolicy")
+    assert [s["Effect"] for s in json.loads(bucket_policy.inputs["policy"])["Statement"]] == ["Deny"]  # TLS only
+    # the object is content-addressed: its key is the bundle's hash
+    assert run.outputs["source_bundle"].endswith(f"/r1nest-source/{run.outputs['source_sha256']}.tar.gz")
+
+
+def _widen_bundle_read(props: dict) -> None:
+    def change(text: str) -> str:
+        document = json.loads(text)
+        for statement in document["Statement"]:
+            if statement.get("Sid") == "ReadSourceBundle":
+                statement["Resource"] = [statement["Resource"][0].rsplit("/", 2)[0] + "/*"]
+        return json.dumps(document)
+
+    props["policy"] = pulumi.Output.from_input(props["policy"]).apply(change)
+
+
+def _public_bucket_policy(props: dict) -> None:
+    props["policy"] = json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::b/*"}]})
+
+
+@pytest.mark.parametrize("planted", [
+    plant("aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock",
+          lambda p: p.__setitem__("block_public_policy", False)),
+    plant("aws:s3/bucketObjectv2:BucketObjectv2", lambda p: p.__setitem__("acl", "public-read")),
+    plant("aws:s3/bucketPolicy:BucketPolicy", _public_bucket_policy),
+    plant("aws:iam/rolePolicy:RolePolicy", _widen_bundle_read),
+    plant("aws:s3/bucketOwnershipControls:BucketOwnershipControls",
+          lambda p: p.__setitem__("rule", {"object_ownership": "ObjectWriter"})),
+], ids=["public-policy-allowed", "public-read-object", "bucket-policy-grants-everyone", "role-reads-every-object",
+        "acls-enabled"])
+def test_source_bundle_check_reports_a_planted_violation(run_stack, planted):
+    run = run_stack(plant=planted)
+    assert policies.source_bundle_private(run.resources, object_arns=_bundle_arns(run))

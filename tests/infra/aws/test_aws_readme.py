@@ -51,3 +51,36 @@ def test_stack_outputs_render_the_overview_page(run_stack):
     page = render_overview(ctx)
     assert run.outputs["public_endpoint"] in page and run.outputs["internal_endpoint"] in page
     assert ctx.api_key == run.outputs["api_key"] and ctx.model == "deepseek-r1-distill-qwen-7b"
+    # without a domain the page says the endpoint is plain HTTP, and who can reach it
+    assert 'id="unencrypted-notice"' in page and "<code>203.0.113.0/24</code>" in page
+
+
+def test_with_a_domain_the_page_and_its_examples_use_https(run_stack):
+    from r1nest.overview.render import render_overview
+    from r1nest.overview.sources import from_pulumi_outputs
+
+    run = run_stack(domain="api.example.com")
+    page = render_overview(from_pulumi_outputs(run.outputs))
+    assert "https://api.example.com/v1" in page and "unencrypted-notice" not in page
+    assert 'base_url="https://api.example.com/v1"' in page or "https://api.example.com/v1/chat/completions" in page
+    assert "http://198.51.100." not in page  # no plain-HTTP public address anywhere on it
+
+
+def _aws_section() -> str:
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("## Deploy to AWS")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def test_readme_deploys_with_three_settings_and_nothing_to_build():
+    section = _aws_section()
+    block = section[section.index("```bash"):]
+    block = block[: block.index("```", 7)]
+    settings = re.findall(r"pulumi config set (\S+)", block)
+    assert settings == ["aws:region", "r1nest:model", "r1nest:allowedCidrs"]
+    assert "docker build" not in block and "docker push" not in block and "pulumi up" in block
+    # the optional paths and the facts a user plans around are all there
+    for needed in ("pulumi config set r1nest:domain", "pulumi config set r1nest:image", "https://api.example.com/v1",
+                   "first boot", "pulumi destroy", "ELBSecurityPolicy-TLS13-1-2-2021-06", "aws-costs:begin"):
+        assert needed in section, needed

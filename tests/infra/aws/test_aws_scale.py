@@ -102,7 +102,7 @@ def test_the_engine_command_on_each_node_is_engine_argv_with_rank_and_head_addre
         line = _exec_start(files["r1nest-engine.service"])
         argv = policies.exec_argv(line)
         at = argv.index("--entrypoint")
-        assert argv[at + 1] == expected[0] and argv[at + 2] == run.config["image"]
+        assert argv[at + 1] == expected[0] and argv[at + 2] == run.outputs["image"]
         assert argv[at + 3:] == expected[1:]
         assert f"--node-rank {rank}" in line and f"--master-addr {head_ip}" in line
         assert ("r1nest-gateway.service" in files) == (rank == 0), "only the head runs the gateway"

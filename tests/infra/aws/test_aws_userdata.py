@@ -90,7 +90,7 @@ def test_sglang_key_file_is_written_at_boot_from_a_template():
     boot = replace(HEAD, engine_env=(), engine_secret_files=(("sglang-secrets.yaml", f'api-key: "{ENGINE_KEY_SENTINEL}"\n'),))
     tree = files(render_user_data(boot))
     script = tree["/usr/local/sbin/r1nest-secrets"]["content"]
-    assert "/etc/r1nest/secrets/engine-files/sglang-secrets.yaml" in script
+    assert 'FILES="$ROOT"/etc/r1nest/secrets/engine-files' in script and '> "$FILES/sglang-secrets.yaml"' in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True, timeout=10)
     assert "/etc/r1nest/secrets/engine-files:/run/r1nest-secrets:ro" in tree["/etc/systemd/system/r1nest-engine.service"]["content"]
 
