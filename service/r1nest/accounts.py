@@ -24,17 +24,19 @@ _MAX_ADMIN_KEY_FILE_BYTES = 1024
 
 
 async def create_api_key(
-    store: Store, *, name: str, credits: int, expires_at: float | None = None, now: float
+    store: Store, *, name: str, credits: int, expires_at: float | None = None, now: float,
+    max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
 ) -> tuple[KeyRecord, str]:
-    """A new key with `credits`; returns its record and the plaintext, which nothing keeps.
-    InvalidLedgerArgument for an expiry that is not finite unix seconds in the future."""
+    """A new key with `credits` and its own limits (None: the deployment's defaults); returns its
+    record and the plaintext, which nothing keeps. InvalidLedgerArgument for an expiry that is
+    not finite unix seconds in the future, or a limit that is not a positive whole number."""
     expires_at = rules.check_expires_at(expires_at)
     if expires_at is not None and expires_at <= now:
         raise InvalidLedgerArgument("a key's expiry must be in the future")
     key_id, plaintext = new_key()
     record = await store.create_key(
         key_id=key_id, key_hash=hash_key(plaintext), name=name, credits=credits,
-        expires_at=expires_at, now=now,
+        expires_at=expires_at, now=now, max_concurrency=max_concurrency, rate_limit_rpm=rate_limit_rpm,
     )
     return record, plaintext
 
@@ -115,7 +117,8 @@ def _read_admin_key(path: Path) -> str:
 
 def key_json(record: KeyRecord) -> dict[str, Any]:
     """A key as the admin API and `r1nest keys list --json` show it: never its hash or secret.
-    Always valid JSON: an expiry a store took before expiries were checked to be finite shows
+    `max_concurrency` and `rate_limit_rpm` are the key's own limits (null: the deployment's
+    defaults apply). Always valid JSON: an expiry a store took before expiries were checked to be finite shows
     as what it does (+Infinity: never expires, null; NaN or -Infinity: never usable, 0)."""
     expires_at = record.expires_at
     if expires_at is not None and not math.isfinite(expires_at):
@@ -127,4 +130,6 @@ def key_json(record: KeyRecord) -> dict[str, Any]:
         "expires_at": expires_at,
         "revoked": record.revoked,
         "remaining_credits": record.remaining_credits,
+        "max_concurrency": record.max_concurrency,
+        "rate_limit_rpm": record.rate_limit_rpm,
     }

@@ -331,3 +331,20 @@ def test_no_route_reaches_the_engine_unmetered(harness: Harness) -> None:
     ]:
         assert httpx.post(harness.url + path, json=body, headers=headers).status_code == 406
     assert not [r for r in harness.engine.requests if r.path.startswith("/v1/") and "completions" in r.path]
+
+
+def test_max_tokens_is_a_ceiling_lowered_to_what_the_deployment_allows(make_harness: Any) -> None:
+    """Messages API clients must send max_tokens and cannot know the deployment's limits
+    (Claude Code sends 32000): over the cap or the context it is lowered, not refused."""
+    harness = make_harness(max_tokens_cap=1000)
+    harness.engine.configure(context_length=600)
+    _, key = harness.new_key(credits=100_000)
+    with client(harness, key).messages.stream(
+        model=MODEL, max_tokens=32_000, messages=[{"role": "user", "content": "one two three"}]
+    ) as stream:
+        message = stream.get_final_message()
+    assert message.content and message.stop_reason == "end_turn"
+    sent = harness.engine.requests[-1].json()
+    assert sent["max_tokens"] == 600 - 5  # the context less the prompt (engine's count), under the cap
+    # the OpenAI route keeps refusing an explicit max_tokens it cannot honour
+    assert harness.chat(key, max_tokens=32_000).status_code == 400

@@ -67,6 +67,26 @@ async def test_an_expiry_that_is_not_finite_is_refused(expires_at) -> None:
     assert await store.list_keys() == []
 
 
+async def test_a_key_is_created_with_its_limits_and_lists_them(tmp_path: Path) -> None:
+    from r1nest.accounts import key_json
+
+    store = SqliteStore(tmp_path / "ledger.sqlite3")
+    record, _ = await create_api_key(store, name="team", credits=9, now=T0, max_concurrency=4, rate_limit_rpm=90)
+    stored = await store.get_key(record.key_id)
+    assert (stored.max_concurrency, stored.rate_limit_rpm) == (4, 90)
+    listed = key_json(stored)
+    assert (listed["max_concurrency"], listed["rate_limit_rpm"]) == (4, 90)
+    assert set(listed) == {
+        "id", "name", "created_at", "expires_at", "revoked", "remaining_credits", "max_concurrency", "rate_limit_rpm",
+    }
+    default, _ = await create_api_key(store, name="", credits=1, now=T0)
+    assert (key_json(default)["max_concurrency"], key_json(default)["rate_limit_rpm"]) == (None, None)
+    with pytest.raises(InvalidLedgerArgument):
+        await create_api_key(store, name="", credits=1, now=T0, max_concurrency=0)
+    assert len(await store.list_keys()) == 2
+    await store.close()
+
+
 def test_key_json_is_valid_json_for_an_expiry_stored_before_the_checks() -> None:
     """A row written before expiries were checked (Infinity, NaN) still lists as JSON."""
     import json

@@ -13,6 +13,8 @@ import time
 
 import pytest
 from r1nest.accounts import authenticate, create_api_key
+from r1nest.errors import KeyLimitReached
+from r1nest.ledger.base import Usage, UsageBucket
 from r1nest.ledger.dynamodb import (
     PENDING_INDEX,
     TTL_ATTRIBUTE,
@@ -52,6 +54,10 @@ CHILD = textwrap.dedent(
         started = time.time()
         made = [r for r in await asyncio.gather(*[reserve() for _ in range(attempts)]) if r]
         finished = time.time()
+        # Settles give credits back: none before both processes are done reserving, or a late
+        # reservation of one could spend what the other gave back.
+        print("reserved", flush=True)
+        sys.stdin.readline()
         # settle each at a charge of its own: 0..25 credits
         charges = [i % 26 for i in range(len(made))]
         await asyncio.gather(*[store.settle(r.reservation_id, c, now=t0) for r, c in zip(made, charges)])
@@ -95,6 +101,11 @@ async def test_two_processes_racing_200_reservations_never_overspend(server_stor
                 assert child.stdout.readline().strip() == "ready", child.stderr.read()[-2000:]
             for child in children:
                 child.stdin.write("go\n")
+                child.stdin.flush()
+            for child in children:
+                assert child.stdout.readline().strip() == "reserved", child.stderr.read()[-2000:]
+            for child in children:
+                child.stdin.write("settle\n")
                 child.stdin.flush()
             outputs = [child.communicate(timeout=600) for child in children]
         finally:
@@ -244,6 +255,11 @@ def every_operation(store: DynamoStore) -> list:
         store.void("f" * 32, now=T0),
         store.sweep_expired(now=T0),
         store.postings(KEY_ID),
+        store.set_key_limits(KEY_ID, max_concurrency=1, rate_limit_rpm=None),
+        store.reserve(KEY_ID, 5, ttl_s=60, now=T0, max_concurrency=2, rate_limit_rpm=2),
+        store.settle("f" * 32, 0, now=T0, usage=Usage(1, 0, 1)),
+        store.usage(key_id=None, since=T0, until=T0 + 60, bucket_s=60),
+        store.usage(key_id=KEY_ID, since=T0, until=T0 + 60, bucket_s=60),
     ]
 
 
@@ -408,3 +424,198 @@ def test_no_region_is_a_config_error(fake_aws, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("AWS_REGION", raising=False)
     with pytest.raises(ConfigError, match="region"):
         DynamoStore("t")
+
+
+# per-key limits and usage ---------------------------------------------------------------------
+
+WINDOW = 1_699_999_980.0  # the rate-limit window holding T0
+
+LIMITS_CHILD = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from r1nest.errors import KeyLimitReached
+    from r1nest.ledger import dynamodb
+    from r1nest.ledger.dynamodb import DynamoStore
+
+    table, endpoint, key_id, attempts, t0 = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+    dynamodb.READ_TIMEOUT_S = float(sys.argv[6])
+    limits = json.loads(sys.argv[7])
+
+    async def main():
+        store = DynamoStore(table, "us-east-1", endpoint_url=endpoint)
+        print("ready", flush=True)
+        sys.stdin.readline()
+
+        async def reserve():
+            try:
+                return await store.reserve(key_id, 1, ttl_s=600, now=t0, **limits)
+            except KeyLimitReached as exc:
+                return exc.limit
+
+        results = await asyncio.gather(*[reserve() for _ in range(attempts)])
+        made = [r.reservation_id for r in results if not isinstance(r, str)]
+        await store.close()
+        print(json.dumps({"made": made, "refused": [r for r in results if isinstance(r, str)]}), flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+def race_two_processes(table: str, endpoint: str, attempts: int, limits: dict) -> list[dict]:
+    env = {**os.environ, **FAKE_AWS_ENV}
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", LIMITS_CHILD, table, endpoint, KEY_ID, str(attempts), str(T0),
+             str(MOTO_SERVER_READ_TIMEOUT_S), json.dumps(limits)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for child in children:
+            assert child.stdout.readline().strip() == "ready", child.stderr.read()[-2000:]
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        outputs = [child.communicate(timeout=600) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+    for child, (_, err) in zip(children, outputs):
+        assert child.returncode == 0, err[-2000:]
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+
+def key_item(table: str, endpoint: str) -> dict:
+    return make_client(REGION, endpoint).get_item(
+        TableName=table, Key={"pk": {"S": f"key#{KEY_ID}"}, "sk": {"S": "key"}}, ConsistentRead=True
+    )["Item"]
+
+
+@pytest.mark.parametrize("limits, allowed", [({"max_concurrency": 6}, 6), ({"rate_limit_rpm": 9}, 9)])
+async def test_two_processes_share_one_key_limit(server_store, limits: dict, allowed: int) -> None:
+    """Limits live in the table, so two gateways together get exactly the key's limit."""
+    store, table, endpoint = server_store
+    await store.create_key(key_id=KEY_ID, key_hash="f" * 64, name="t", credits=1000, expires_at=None, now=T0)
+    results = await asyncio.to_thread(race_two_processes, table, endpoint, 30, limits)
+    made = [rid for r in results for rid in r["made"]]
+    refused = [limit for r in results for limit in r["refused"]]
+    assert len(made) == allowed and set(refused) == set(limits) and len(refused) == 60 - allowed
+    item = key_item(table, endpoint)
+    assert int(item["in_flight"]["N"]) == allowed and int(item["rpm_count"]["N"]) == allowed
+    for reservation_id in made:
+        await store.settle(reservation_id, 1, now=T0)
+    assert int(key_item(table, endpoint)["in_flight"]["N"]) == 0
+    assert await store.balance(KEY_ID) == 1000 - allowed
+
+
+async def test_in_flight_comes_back_to_zero_after_every_kind_of_close(server_store) -> None:
+    store, table, endpoint = server_store
+    await store.create_key(key_id=KEY_ID, key_hash="f" * 64, name="t", credits=100, expires_at=None, now=T0)
+    settled, voided, swept = [await store.reserve(KEY_ID, 10, ttl_s=5, now=T0) for _ in range(3)]
+    assert int(key_item(table, endpoint)["in_flight"]["N"]) == 3
+    await store.settle(settled.reservation_id, 2, now=T0 + 1, usage=Usage(30, 10, 5))
+    await store.void(voided.reservation_id, now=T0 + 1)
+    assert await store.sweep_expired(now=T0 + 10) == 1
+    item = key_item(table, endpoint)
+    assert (int(item["in_flight"]["N"]), float(item["rpm_window"]["N"]), int(item["rpm_count"]["N"])) == (0, WINDOW, 3)
+    posting = next(
+        i for i in make_client(REGION, endpoint).scan(TableName=table)["Items"]
+        if i.get("kind", {}).get("S") == "settle"
+    )
+    assert {name: posting[name]["N"] for name in ("credits_charged", "prompt_tokens", "cached_tokens", "completion_tokens")} == {
+        "credits_charged": "2", "prompt_tokens": "30", "cached_tokens": "10", "completion_tokens": "5",
+    }
+
+
+async def test_a_window_opened_by_another_gateway_is_used_whatever_this_one_remembers(server_store) -> None:
+    """Each process guesses the window form from the window it saw last; a guess made stale by
+    another gateway is read back and retried, never counted wrong."""
+    store, table, endpoint = server_store
+    other = DynamoStore(table, REGION, endpoint_url=endpoint)
+    try:
+        await store.create_key(key_id=KEY_ID, key_hash="f" * 64, name="t", credits=100, expires_at=None, now=T0)
+        await store.reserve(KEY_ID, 1, ttl_s=60, now=WINDOW + 1, rate_limit_rpm=3)  # remembers WINDOW
+        await other.reserve(KEY_ID, 1, ttl_s=60, now=WINDOW + 61, rate_limit_rpm=3)  # opens the next
+        await store.reserve(KEY_ID, 1, ttl_s=60, now=WINDOW + 62, rate_limit_rpm=3)  # guessed "new": retried
+        assert int(key_item(table, endpoint)["rpm_count"]["N"]) == 2
+        await other.reserve(KEY_ID, 1, ttl_s=60, now=WINDOW + 63, rate_limit_rpm=3)
+        with pytest.raises(KeyLimitReached):
+            await store.reserve(KEY_ID, 1, ttl_s=60, now=WINDOW + 64, rate_limit_rpm=3)
+        # A gateway whose clock runs ahead opened a later window: this one counts in it too.
+        await other.reserve(KEY_ID, 1, ttl_s=60, now=WINDOW + 181, rate_limit_rpm=2)
+        await store.reserve(KEY_ID, 1, ttl_s=60, now=WINDOW + 170, rate_limit_rpm=2)
+        with pytest.raises(KeyLimitReached) as caught:
+            await store.reserve(KEY_ID, 1, ttl_s=60, now=WINDOW + 170, rate_limit_rpm=2)
+        assert caught.value.retry_after_s == pytest.approx(70.0)
+        item = key_item(table, endpoint)
+        assert (float(item["rpm_window"]["N"]), int(item["rpm_count"]["N"])) == (WINDOW + 180, 2)
+        assert await store.balance(KEY_ID) == 94
+    finally:
+        await other.close()
+
+
+async def test_items_of_the_previous_release_work_with_limits_and_usage(server_store) -> None:
+    """A key item without in_flight or window, a reservation that was never counted, a settle
+    posting without credits_charged or tokens: what a table of the previous release holds."""
+    store, table, endpoint = server_store
+    client = make_client(REGION, endpoint)
+    client.put_item(TableName=table, Item={
+        "pk": {"S": f"key#{KEY_ID}"}, "sk": {"S": "key"}, "key_list": {"S": "key"}, "name": {"S": "old"},
+        "key_hash": {"S": "f" * 64}, "created_at": {"N": str(T0)}, "revoked": {"BOOL": False},
+        "balance": {"N": "910"},
+    })
+    client.put_item(TableName=table, Item={
+        "pk": {"S": "res#" + "b" * 32}, "sk": {"S": "res"}, "key_id": {"S": KEY_ID}, "credits_reserved": {"N": "60"},
+        "created_at": {"N": str(T0)}, "expires_at": {"N": str(T0 + 3600)}, "state": {"S": "pending"},
+        "pending_shard": {"S": "0"},
+    })
+    for sk, kind, credits, note in (
+        ("post#00001700000000000000#1#a", "grant", 1000, ""),
+        ("post#00001700000000000000#2#b", "reserve", -100, ""),
+        ("post#00001700000005000000#3#c", "settle", 70, "charged 30"),
+        ("post#00001700000006000000#4#d", "reserve", -60, ""),
+    ):
+        client.put_item(TableName=table, Item={
+            "pk": {"S": f"key#{KEY_ID}"}, "sk": {"S": sk}, "kind": {"S": kind}, "credits": {"N": str(credits)},
+            "at": {"N": str(T0 + int(sk[5:25]) / 1e6 - T0)}, "note": {"S": note},
+        })
+    record = await store.get_key(KEY_ID)
+    assert (record.max_concurrency, record.rate_limit_rpm, record.remaining_credits) == (None, None, 910)
+    assert await store.usage(key_id=KEY_ID, since=T0, until=T0 + 60, bucket_s=60) == [
+        UsageBucket(WINDOW, 1, 0, 0, 0, 30)
+    ]
+    reservation = await store.reserve(KEY_ID, 10, ttl_s=60, now=T0 + 10, max_concurrency=1, rate_limit_rpm=5)
+    with pytest.raises(KeyLimitReached):
+        await store.reserve(KEY_ID, 10, ttl_s=60, now=T0 + 10, max_concurrency=1)
+    # The old reservation held no slot: closing it gives none back (and never goes below zero).
+    assert await store.settle("b" * 32, 20, now=T0 + 11) == 940
+    assert int(key_item(table, endpoint)["in_flight"]["N"]) == 1
+    await store.void(reservation.reservation_id, now=T0 + 12)
+    assert int(key_item(table, endpoint)["in_flight"]["N"]) == 0
+    postings = await store.postings(KEY_ID)
+    assert sum(p.credits for p in postings) == await store.balance(KEY_ID) == 950
+
+
+async def test_usage_of_all_keys_reads_only_postings_of_the_range(server_store) -> None:
+    """usage(key_id=None) queries each key's postings in the range: keys with nothing in it add
+    one empty query each, and postings outside the range are not read."""
+    store, table, endpoint = server_store
+    for i in range(3):
+        await store.create_key(key_id=f"{i:012x}", key_hash="f" * 64, name="", credits=100, expires_at=None, now=T0)
+    for at in (T0 - 7200, T0, T0 + 7200):
+        reservation = await store.reserve(f"{0:012x}", 10, ttl_s=60, now=at)
+        await store.settle(reservation.reservation_id, 3, now=at, usage=Usage(1, 0, 1))
+    calls, scanned = [], []
+    events = store._client.meta.events
+    events.register("provide-client-params.dynamodb.*", lambda params, **kw: calls.append(kw["event_name"]))
+    events.register("after-call.dynamodb.Query", lambda parsed, **_: scanned.append(parsed["ScannedCount"]))
+    buckets = await store.usage(key_id=None, since=T0 - 60, until=T0 + 60, bucket_s=3600)
+    assert buckets == [UsageBucket(1_699_999_200.0, 1, 1, 0, 1, 3)]
+    assert {name.rsplit(".", 1)[1] for name in calls} == {"Query"}  # no Scan
+    assert len(calls) == 1 + 3  # the key index, then one query per key
+    # Three index entries, then the postings at T0 (three grants, a reserve and a settle): the
+    # four postings two hours away are not read.
+    assert sum(scanned) == 3 + 5

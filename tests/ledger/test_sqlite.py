@@ -495,3 +495,204 @@ def test_open_store_picks_sqlite_in_the_data_dir(tmp_path: Path) -> None:
     store = open_store(Settings(data_dir=tmp_path))
     assert isinstance(store, SqliteStore) and store.path == tmp_path / "ledger.sqlite3"
     asyncio.run(store.close())
+
+
+# per-key limits and usage ---------------------------------------------------------------------
+
+from r1nest.errors import KeyLimitReached  # noqa: E402
+from r1nest.ledger.base import Usage, UsageBucket  # noqa: E402
+
+# The schema of the release before per-key limits and usage (files users have on disk).
+PREVIOUS_RELEASE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    key_id            TEXT PRIMARY KEY,
+    name              TEXT NOT NULL,
+    key_hash          TEXT NOT NULL,
+    created_at        REAL NOT NULL,
+    expires_at        REAL,
+    revoked           INTEGER NOT NULL DEFAULT 0,
+    remaining_credits INTEGER NOT NULL CHECK (remaining_credits >= 0)
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    reservation_id   TEXT PRIMARY KEY,
+    key_id           TEXT NOT NULL REFERENCES keys (key_id),
+    credits_reserved INTEGER NOT NULL CHECK (credits_reserved >= 0),
+    created_at       REAL NOT NULL,
+    expires_at       REAL NOT NULL,
+    state            TEXT NOT NULL CHECK (state IN ('pending', 'settled', 'voided')),
+    credits_charged  INTEGER CHECK (credits_charged BETWEEN 0 AND credits_reserved),
+    closed_at        REAL
+);
+CREATE INDEX IF NOT EXISTS reservations_pending_by_deadline
+    ON reservations (expires_at) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS postings (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id         TEXT NOT NULL REFERENCES keys (key_id),
+    kind           TEXT NOT NULL CHECK (kind IN ('grant', 'topup', 'reserve', 'settle', 'void')),
+    credits        INTEGER NOT NULL,
+    at             REAL NOT NULL,
+    reservation_id TEXT,
+    note           TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS postings_by_key ON postings (key_id, seq);
+CREATE TABLE IF NOT EXISTS topups (
+    key_id          TEXT NOT NULL REFERENCES keys (key_id),
+    idempotency_key TEXT NOT NULL,
+    credits         INTEGER NOT NULL,
+    at              REAL NOT NULL,
+    PRIMARY KEY (key_id, idempotency_key)
+);
+"""
+
+
+def previous_release_ledger(path: Path) -> None:
+    """A ledger file as the previous release left it: a key with a settled reservation (charged
+    30) and one still pending (60 held), every balance change posted."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(PREVIOUS_RELEASE_SCHEMA)
+    conn.executescript(f"""
+        BEGIN;
+        INSERT INTO keys VALUES ('{KEY_ID}', 'old', '{"f" * 64}', {T0}, NULL, 0, 1000 - 100 + 70 - 60);
+        INSERT INTO reservations VALUES ('{"a" * 32}', '{KEY_ID}', 100, {T0}, {T0 + 3600}, 'settled', 30, {T0 + 5});
+        INSERT INTO reservations VALUES ('{"b" * 32}', '{KEY_ID}', 60, {T0 + 6}, {T0 + 3606}, 'pending', NULL, NULL);
+        INSERT INTO postings (key_id, kind, credits, at, reservation_id, note) VALUES
+            ('{KEY_ID}', 'grant', 1000, {T0}, NULL, ''),
+            ('{KEY_ID}', 'reserve', -100, {T0}, '{"a" * 32}', ''),
+            ('{KEY_ID}', 'settle', 70, {T0 + 5}, '{"a" * 32}', 'charged 30'),
+            ('{KEY_ID}', 'reserve', -60, {T0 + 6}, '{"b" * 32}', '');
+        COMMIT;
+    """)
+    conn.close()
+
+
+def columns(path: Path, table: str) -> set[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+    finally:
+        conn.close()
+
+
+async def test_a_ledger_of_the_previous_release_is_migrated_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    previous_release_ledger(path)
+    assert "rpm_count" not in columns(path, "keys")
+    store = SqliteStore(path)
+    assert {"max_concurrency", "rate_limit_rpm", "rpm_window", "rpm_count"} <= columns(path, "keys")
+    assert {"credits_charged", "prompt_tokens", "cached_tokens", "completion_tokens"} <= columns(path, "postings")
+    record = await store.get_key(KEY_ID)
+    assert (record.name, record.remaining_credits, record.max_concurrency, record.rate_limit_rpm) == ("old", 910, None, None)
+    await assert_consistent(store, 910)
+    # The old settle is one request with no tokens and its charge (read from its reservation).
+    assert await store.usage(key_id=KEY_ID, since=T0, until=T0 + 60, bucket_s=60) == [
+        UsageBucket(1_699_999_980.0, 1, 0, 0, 0, 30)
+    ]
+    # The reservation left pending by the old release holds its slot, and frees it when closed.
+    with pytest.raises(KeyLimitReached):
+        await store.reserve(KEY_ID, 1, ttl_s=60, now=T0 + 10, max_concurrency=1)
+    assert await store.settle("b" * 32, 20, now=T0 + 20, usage=Usage(9, 4, 2)) == 950
+    reservation = await store.reserve(KEY_ID, 1, ttl_s=60, now=T0 + 30, max_concurrency=1, rate_limit_rpm=1)
+    await store.set_key_limits(KEY_ID, max_concurrency=2, rate_limit_rpm=None)
+    await store.close()
+
+    store = SqliteStore(path)  # reopening an up-to-date file changes nothing
+    assert (await store.get_key(KEY_ID)).max_concurrency == 2
+    with pytest.raises(KeyLimitReached):
+        await store.reserve(KEY_ID, 1, ttl_s=60, now=T0 + 31, rate_limit_rpm=1)
+    await store.void(reservation.reservation_id, now=T0 + 32)
+    assert await store.usage(key_id=None, since=T0, until=T0 + 60, bucket_s=3600) == [
+        UsageBucket(1_699_999_200.0, 2, 9, 4, 2, 50)
+    ]
+    await assert_consistent(store, 950)
+    await store.close()
+
+
+def test_two_processes_opening_an_old_ledger_at_once_both_migrate_it(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    previous_release_ledger(path)
+    script = "import asyncio, sys\nfrom r1nest.ledger.sqlite import SqliteStore\nasyncio.run(SqliteStore(sys.argv[1]).close())"
+    children = [
+        subprocess.Popen([sys.executable, "-c", script, str(path)], stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    for child in children:
+        assert child.wait(60) == 0, child.stderr.read()[-2000:]
+    assert "completion_tokens" in columns(path, "postings")
+
+
+def test_usage_and_limit_queries_use_their_indexes(tmp_path: Path) -> None:
+    """usage() reads only the settle postings of its range; the concurrency check only the key's
+    pending reservations (no scan of the tables, which grow forever)."""
+    from r1nest.ledger import sqlite as ledger_sqlite
+
+    path = tmp_path / "l.sqlite3"
+    asyncio.run(SqliteStore(path).close())
+    conn = sqlite3.connect(path)
+    plans = {}
+    for key_id in (None, KEY_ID):
+        statement = []
+        conn.set_trace_callback(statement.append)
+        ledger_sqlite._usage(conn, key_id, T0, T0 + 60, 60)
+        conn.set_trace_callback(None)
+        select = statement[0]
+        plans[key_id] = " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {select}"))
+    assert "postings_settled_by_time" in plans[None] and "SCAN p" not in plans[None], plans[None]
+    assert "postings_settled_by_key" in plans[KEY_ID], plans[KEY_ID]
+    plan = " ".join(row[3] for row in conn.execute(
+        "EXPLAIN QUERY PLAN " + ledger_sqlite._reserve_statement(True, True),
+        {"credits": 1, "key_id": KEY_ID, "now": T0, "window": T0, "max_concurrency": 2, "rate_limit_rpm": 2},
+    ))
+    assert "reservations_pending_by_key" in plan and "SCAN" not in plan.replace("SCAN (subquery", ""), plan
+    conn.close()
+
+
+async def test_refused_reservations_do_not_undo_their_batch_neighbours(tmp_path: Path) -> None:
+    store = await new_store(tmp_path / "l.sqlite3", credits=1000)
+    commits = record_commits(store)
+    results = await asyncio.gather(
+        *[store.reserve(KEY_ID, 10, ttl_s=60, now=T0, max_concurrency=5, rate_limit_rpm=8) for _ in range(12)],
+        store.topup(KEY_ID, 5, idempotency_key="a", now=T0),
+        return_exceptions=True,
+    )
+    assert max(len(ops) for ops, _ in commits) > 5  # refused and made ones shared a transaction
+    made = [r for r in results[:12] if not isinstance(r, BaseException)]
+    assert len(made) == 5 and all(isinstance(r, KeyLimitReached) for r in results[:12] if r not in made)
+    assert results[12] == 1005 - 50
+    await assert_consistent(store, 955)
+    await store.close()
+
+
+async def test_limits_hold_across_processes_sharing_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite3"
+    store = await new_store(path, credits=1000)
+    child = run_child(path, f"""
+        for _ in range(3):
+            await store.reserve({KEY_ID!r}, 10, ttl_s=600, now={T0}, max_concurrency=4, rate_limit_rpm=5)
+        print("held", flush=True)
+        await store.close()
+    """)
+    assert read_line(child) == "held"
+    assert child.wait(30) == 0
+    await store.reserve(KEY_ID, 10, ttl_s=600, now=T0, max_concurrency=4)
+    with pytest.raises(KeyLimitReached, match="max_concurrency"):
+        await store.reserve(KEY_ID, 10, ttl_s=600, now=T0, max_concurrency=4)
+    await store.reserve(KEY_ID, 10, ttl_s=600, now=T0, rate_limit_rpm=5)
+    with pytest.raises(KeyLimitReached, match="rate_limit_rpm"):
+        await store.reserve(KEY_ID, 10, ttl_s=600, now=T0, rate_limit_rpm=5)
+    await assert_consistent(store, 950)
+    await store.close()
+
+
+async def test_usage_reads_while_another_process_holds_the_write_lock(tmp_path: Path, short_busy_timeout) -> None:
+    path = tmp_path / "l.sqlite3"
+    store = await new_store(path, credits=100)
+    reservation = await store.reserve(KEY_ID, 10, ttl_s=60, now=T0)
+    await store.settle(reservation.reservation_id, 4, now=T0, usage=Usage(3, 2, 1))
+    with locked_by_another_process(path):
+        assert await store.usage(key_id=KEY_ID, since=T0, until=T0 + 1, bucket_s=60) == [
+            UsageBucket(1_699_999_980.0, 1, 3, 2, 1, 4)
+        ]
+    await store.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.usage(key_id=None, since=T0, until=T0 + 1, bucket_s=60)

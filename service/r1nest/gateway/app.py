@@ -290,7 +290,8 @@ class Gateway:
         elif isinstance(body, dict) and body.get("thinking_token_budget") is not None and not self.thinking_budget:
             raise BadRequest("`thinking_token_budget`: this deployment's engine has no thinking budget",
                              param="thinking_token_budget")
-        shaped = shape(body, chat=kind is not Kind.COMPLETIONS, policy=self.policy)
+        shaped = shape(body, chat=kind is not Kind.COMPLETIONS, policy=self.policy,
+                       max_tokens_is_ceiling=kind is Kind.MESSAGES)
         await self._fit_context(shaped)
         grant = await self._reserve(exchange, record, shaped)
         exchange.remaining_credits = grant.remaining_credits  # until the settlement says more

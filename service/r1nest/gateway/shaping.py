@@ -99,6 +99,7 @@ class Shaped:
     longest_prompt_bound: int = 0  # bound of the longest single prompt (chat: the conversation)
     completion_room: int | None = None  # tokens the context leaves each sequence, once known
     prompt_exact: bool = False  # prompt_tokens_bound is the engine's own count
+    max_tokens_is_ceiling: bool = False  # lowered to what the deployment allows, never refused for it
 
     @property
     def chat(self) -> bool:
@@ -168,8 +169,12 @@ def _allowed(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
     return {name: value for name, value in body.items() if name in allowed}
 
 
-def shape(body: Any, *, chat: bool, policy: Policy) -> Shaped:
-    """Validate a request body and apply the deployment's conventions (max_tokens left unset)."""
+def shape(body: Any, *, chat: bool, policy: Policy, max_tokens_is_ceiling: bool = False) -> Shaped:
+    """Validate a request body and apply the deployment's conventions (max_tokens left unset).
+
+    `max_tokens_is_ceiling`: the API makes `max_tokens` required (Anthropic's Messages API), so
+    clients send a large one without knowing the deployment: it is lowered to the deployment's
+    cap and, in `fit_context`, to what the context leaves, instead of being refused."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     body = _allowed(body, chat=chat)
@@ -207,7 +212,7 @@ def shape(body: Any, *, chat: bool, policy: Policy) -> Shaped:
     else:
         bound, prompts, longest = completion_prompt_bound(body.get("prompt"))
 
-    requested = _requested_max_tokens(body, policy)
+    requested = _requested_max_tokens(body, policy, ceiling=max_tokens_is_ceiling)
     if policy.deepseek_defaults:
         if body.get("temperature") is None:
             body["temperature"] = policy.default_temperature
@@ -226,7 +231,8 @@ def shape(body: Any, *, chat: bool, policy: Policy) -> Shaped:
         body["stream_options"] = {**options, "include_usage": True, "continuous_usage_stats": True}
     else:
         body.pop("stream_options", None)
-    return Shaped(body, stream, bound, n * prompts, requested, client_usage, client_continuous, longest)
+    return Shaped(body, stream, bound, n * prompts, requested, client_usage, client_continuous, longest,
+                  max_tokens_is_ceiling=max_tokens_is_ceiling)
 
 
 def fit_context(shaped: Shaped, context_tokens: int, exact_prompt_tokens: int | None) -> None:
@@ -248,6 +254,8 @@ def fit_context(shaped: Shaped, context_tokens: int, exact_prompt_tokens: int | 
                 f"Please reduce the length of the {what}.",
                 param=what,
             )
+        if requested is not None and requested > room and shaped.max_tokens_is_ceiling:
+            shaped.requested_max_tokens = requested = room
         if requested is not None and requested > room:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {context_tokens} tokens. However, you requested "
@@ -259,6 +267,9 @@ def fit_context(shaped: Shaped, context_tokens: int, exact_prompt_tokens: int | 
         shaped.completion_room = room
         return
     # The byte bound only: an upper bound on the prompt, so only certainties are refused.
+    room = context_tokens - shaped.longest_prompt_bound
+    if requested is not None and requested >= context_tokens and shaped.max_tokens_is_ceiling:
+        shaped.requested_max_tokens = requested = room if room >= 1 else context_tokens - 1
     if requested is not None and requested >= context_tokens:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {context_tokens} tokens. However, you requested "
@@ -285,7 +296,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _requested_max_tokens(body: dict[str, Any], policy: Policy) -> int | None:
+def _requested_max_tokens(body: dict[str, Any], policy: Policy, *, ceiling: bool = False) -> int | None:
     value = body.get("max_completion_tokens")
     name = "max_completion_tokens"
     if value is None:
@@ -294,6 +305,8 @@ def _requested_max_tokens(body: dict[str, Any], policy: Policy) -> int | None:
         return None
     if not _is_int(value) or value < 1:
         raise BadRequest(f"`{name}` must be a positive integer", param=name)
+    if value > policy.max_tokens_cap and ceiling:
+        return policy.max_tokens_cap
     if value > policy.max_tokens_cap:
         raise BadRequest(
             f"`{name}` must be at most {policy.max_tokens_cap} on this deployment", param=name

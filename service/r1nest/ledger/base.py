@@ -22,13 +22,18 @@ across every gateway process and replica sharing the store):
   KeyLimitReached("rate_limit_rpm", seconds until the next window) and changes nothing. A refused
   reservation does not count.
 `reserve` takes the limits to apply (the gateway resolves key override vs deployment default);
-None means unlimited. The key's own limits live on its KeyRecord.
+None means unlimited. The key's own limits live on its KeyRecord. Every reservation counts in
+its window, limited or not. When several refusals apply, a store reports the first of: unusable
+key, credits, max_concurrency, rate_limit_rpm. A window another process (whose clock runs ahead)
+already opened is the one a reservation counts in, so retry_after_s may exceed 60.
 
 Usage: `settle(..., usage=Usage(...))` records the request's token counts with its settle
 posting. `usage()` sums settled requests into fixed buckets of `bucket_s` seconds (bucket start
 = floor(at / bucket_s) * bucket_s, unix time, so days are UTC days), for one key or all keys,
 over postings with since <= at < until. Voided reservations are not requests; a settle without
 usage counts as a request with zero tokens. `credits` is what was charged (reserved - refund).
+`usage(key_id=<unknown id>)` raises UnknownKey. A cached count above the prompt count is
+recorded as given (a settle is never refused over usage numbers).
 """
 
 from __future__ import annotations

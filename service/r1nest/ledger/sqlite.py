@@ -24,6 +24,18 @@ Crash behaviour: a reservation, the balance change and its posting are one trans
 killed process leaves either all of them or none. A reservation left pending by a crash is
 voided by `sweep_expired` once its deadline passes (callers sweep at startup).
 
+Per-key limits are checked by the same conditional UPDATE that debits the balance, inside the
+writer's transaction: open reservations are counted from the pending reservations of the key
+(a partial index), the rate limit is a window counter on the key row (`rpm_window`,
+`rpm_count`). A refused reservation matches no row and changes nothing, in its own SAVEPOINT.
+Usage (token counts, the charge) is written on the settle posting; `usage()` is one GROUP BY over
+the settle postings of a time range (partial indexes on `at`), read on a connection of its own
+so that a long query never holds up the writer.
+
+Files from the previous release are migrated when opened (`_migrate`): missing columns are
+added with ALTER TABLE in one write transaction; old settle postings count as requests with
+zero tokens, their charge read from their reservation.
+
 Other processes (the `r1nest keys` command next to a running gateway) may open the same file:
 WAL lets them read, and their writes wait on SQLite's lock (busy timeout) instead of failing.
 A write that still finds the lock held when the busy timeout ends, a full disk, an I/O error or
@@ -49,6 +61,7 @@ from typing import Any
 from r1nest.errors import (
     InsufficientCredits,
     InvalidLedgerArgument,
+    KeyLimitReached,
     R1nestError,
     ReservationClosed,
     StoreError,
@@ -56,7 +69,7 @@ from r1nest.errors import (
     UnknownKey,
 )
 from r1nest.ledger import rules
-from r1nest.ledger.base import KeyRecord, Posting, PostingKind, Reservation
+from r1nest.ledger.base import KeyRecord, Posting, PostingKind, Reservation, Usage, UsageBucket
 
 MAX_BATCH = 256  # operations per transaction
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits for another process's lock
@@ -83,7 +96,11 @@ CREATE TABLE IF NOT EXISTS keys (
     created_at        REAL NOT NULL,
     expires_at        REAL,
     revoked           INTEGER NOT NULL DEFAULT 0,
-    remaining_credits INTEGER NOT NULL CHECK (remaining_credits >= 0)
+    remaining_credits INTEGER NOT NULL CHECK (remaining_credits >= 0),
+    max_concurrency   INTEGER,
+    rate_limit_rpm    INTEGER,
+    rpm_window        REAL,
+    rpm_count         INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS reservations (
     reservation_id   TEXT PRIMARY KEY,
@@ -104,7 +121,11 @@ CREATE TABLE IF NOT EXISTS postings (
     credits        INTEGER NOT NULL,
     at             REAL NOT NULL,
     reservation_id TEXT,
-    note           TEXT NOT NULL DEFAULT ''
+    note           TEXT NOT NULL DEFAULT '',
+    credits_charged   INTEGER,
+    prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+    cached_tokens     INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS postings_by_key ON postings (key_id, seq);
 CREATE TABLE IF NOT EXISTS topups (
@@ -116,7 +137,32 @@ CREATE TABLE IF NOT EXISTS topups (
 );
 """
 
-_KEY_COLUMNS = "key_id, name, key_hash, created_at, expires_at, revoked, remaining_credits"
+# Columns added since the first release: `_migrate` adds those an older file lacks. Each is
+# nullable or has a default, as ALTER TABLE ADD COLUMN requires.
+ADDED_COLUMNS = (
+    ("keys", "max_concurrency", "INTEGER"),
+    ("keys", "rate_limit_rpm", "INTEGER"),
+    ("keys", "rpm_window", "REAL"),  # start of the rate-limit window rpm_count counts
+    ("keys", "rpm_count", "INTEGER NOT NULL DEFAULT 0"),
+    ("postings", "credits_charged", "INTEGER"),  # settle postings; NULL on older ones
+    ("postings", "prompt_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("postings", "cached_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("postings", "completion_tokens", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+# Created after the migration (they may name added columns). Partial indexes: only pending
+# reservations (counted for max_concurrency) and settle postings (summed by usage) are in them.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS reservations_pending_by_key
+    ON reservations (key_id) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS postings_settled_by_time ON postings (at) WHERE kind = 'settle';
+CREATE INDEX IF NOT EXISTS postings_settled_by_key ON postings (key_id, at) WHERE kind = 'settle';
+"""
+
+_KEY_COLUMNS = (
+    "key_id, name, key_hash, created_at, expires_at, revoked, remaining_credits,"
+    " max_concurrency, rate_limit_rpm"
+)
 
 Operation = Callable[[sqlite3.Connection], Any]
 
@@ -163,24 +209,44 @@ class SqliteStore:
     # Store interface ----------------------------------------------------------------------
 
     async def create_key(
-        self, *, key_id: str, key_hash: str, name: str, credits: int, expires_at: float | None, now: float
+        self, *, key_id: str, key_hash: str, name: str, credits: int, expires_at: float | None, now: float,
+        max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
     ) -> KeyRecord:
         rules.check_credits(credits, what="initial credits")
         rules.check_name(name)
         expires_at = rules.check_expires_at(expires_at)
+        rules.check_max_concurrency(max_concurrency)
+        rules.check_rate_limit_rpm(rate_limit_rpm)
 
         def run(conn: sqlite3.Connection) -> KeyRecord:
             try:
                 conn.execute(
-                    f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, 0)",
-                    (key_id, name, key_hash, now, expires_at),
+                    f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, 0, ?, ?)",
+                    (key_id, name, key_hash, now, expires_at, max_concurrency, rate_limit_rpm),
                 )
             except sqlite3.IntegrityError:
                 raise InvalidLedgerArgument(f"key id {key_id} already exists") from None
             _post(conn, key_id, "grant", credits, now)
-            return KeyRecord(key_id, name, key_hash, now, expires_at, False, credits)
+            return KeyRecord(
+                key_id, name, key_hash, now, expires_at, False, credits, max_concurrency, rate_limit_rpm
+            )
 
         return await self._submit(run, "create_key")
+
+    async def set_key_limits(
+        self, key_id: str, *, max_concurrency: int | None, rate_limit_rpm: int | None
+    ) -> KeyRecord:
+        rules.check_max_concurrency(max_concurrency)
+        rules.check_rate_limit_rpm(rate_limit_rpm)
+
+        def run(conn: sqlite3.Connection) -> KeyRecord:
+            conn.execute(
+                "UPDATE keys SET max_concurrency = ?, rate_limit_rpm = ? WHERE key_id = ?",
+                (max_concurrency, rate_limit_rpm, key_id),
+            )
+            return _require_key(conn, key_id)
+
+        return await self._submit(run, "set_key_limits")
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
         return await self._submit(lambda conn: _get_key(conn, key_id), "get_key", writes=False)
@@ -225,25 +291,28 @@ class SqliteStore:
             lambda conn: _require_key(conn, key_id).remaining_credits, "balance", writes=False
         )
 
-    async def reserve(self, key_id: str, credits: int, *, ttl_s: float, now: float) -> Reservation:
+    async def reserve(
+        self, key_id: str, credits: int, *, ttl_s: float, now: float,
+        max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
+    ) -> Reservation:
         rules.check_credits(credits, what="reserved credits")
         rules.check_ttl(ttl_s)
+        rules.check_max_concurrency(max_concurrency)
+        rules.check_rate_limit_rpm(rate_limit_rpm)
         reservation_id = uuid.uuid4().hex
         expires_at = now + ttl_s
+        statement = _reserve_statement(max_concurrency is not None, rate_limit_rpm is not None)
+        values = {
+            "credits": credits, "key_id": key_id, "now": now, "window": rules.rpm_window(now),
+            "max_concurrency": max_concurrency, "rate_limit_rpm": rate_limit_rpm,
+        }
 
         def run(conn: sqlite3.Connection) -> Reservation:
-            # One conditional UPDATE is the check and the debit; a SELECT only says why not.
-            row = conn.execute(
-                "UPDATE keys SET remaining_credits = remaining_credits - ?"
-                " WHERE key_id = ? AND remaining_credits >= ? AND revoked = 0"
-                " AND (expires_at IS NULL OR expires_at > ?) RETURNING remaining_credits",
-                (credits, key_id, credits, now),
-            ).fetchone()
+            # One conditional UPDATE is the check (balance, key, limits) and the debit; a
+            # SELECT only says why not.
+            row = conn.execute(statement, values).fetchone()
             if row is None:
-                record = _require_key(conn, key_id)
-                if not record.usable(now):
-                    raise UnknownKey(f"key {key_id} is revoked or expired")
-                raise InsufficientCredits(record.remaining_credits, credits)
+                _refuse_reservation(conn, key_id, credits, now, max_concurrency, rate_limit_rpm)
             conn.execute(
                 "INSERT INTO reservations (reservation_id, key_id, credits_reserved, created_at,"
                 " expires_at, state) VALUES (?, ?, ?, ?, ?, 'pending')",
@@ -258,9 +327,14 @@ class SqliteStore:
 
         return await self._submit(run, "reserve", on_orphan=void_orphan)
 
-    async def settle(self, reservation_id: str, credits_charged: int, *, now: float) -> int:
+    async def settle(
+        self, reservation_id: str, credits_charged: int, *, now: float, usage: Usage | None = None
+    ) -> int:
         rules.check_credits(credits_charged, what="charged credits")
-        return await self._submit(lambda conn: _close(conn, reservation_id, credits_charged, now), "settle")
+        usage = rules.check_usage(usage) or Usage()
+        return await self._submit(
+            lambda conn: _close(conn, reservation_id, credits_charged, now, usage), "settle"
+        )
 
     async def void(self, reservation_id: str, *, now: float) -> int:
         return await self._submit(lambda conn: _close(conn, reservation_id, None, now), "void")
@@ -296,6 +370,33 @@ class SqliteStore:
             return [Posting(*row) for row in rows]
 
         return await self._submit(run, "postings", writes=False)
+
+    async def usage(
+        self, *, key_id: str | None, since: float, until: float, bucket_s: int
+    ) -> list[UsageBucket]:
+        since, until, bucket_s = rules.check_usage_range(since, until, bucket_s)
+        if self._closed:
+            raise StoreUnavailable("the ledger is closed")
+        # A reader of its own (WAL: it sees every committed settle and never waits on the
+        # writer), so that a query over months of postings does not stall reservations.
+        return await asyncio.to_thread(self._read_usage, key_id, since, until, bucket_s)
+
+    def _read_usage(self, key_id: str | None, since: float, until: float, bucket_s: int) -> list[UsageBucket]:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise _translate(exc, f"cannot open the ledger at {self.path}") from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA query_only = ON")
+            conn.execute("BEGIN")  # one snapshot for the key check and the sums
+            if key_id is not None:
+                _require_key(conn, key_id)
+            return _usage(conn, key_id, since, until, bucket_s)
+        except sqlite3.Error as exc:
+            raise _translate(exc, "cannot read usage from the ledger") from None
+        finally:
+            conn.close()
 
     async def close(self) -> None:
         if self._closed:
@@ -448,7 +549,34 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.executescript(SCHEMA)
+    _migrate(conn)
+    conn.executescript(INDEXES)
     return conn
+
+
+def _missing_columns(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+    present = {
+        (table, row[1]) for table in {t for t, _, _ in ADDED_COLUMNS}
+        for row in conn.execute(f"PRAGMA table_info({table})")
+    }
+    return [column for column in ADDED_COLUMNS if column[:2] not in present]
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a ledger file of an earlier release up to SCHEMA: add the columns it lacks, all in
+    one write transaction (checked again under the lock: another process may be migrating the
+    same file). Adding a column rewrites no rows; a file that is up to date takes no lock."""
+    if not _missing_columns(conn):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table, column, declaration in _missing_columns(conn):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _run_one(conn: sqlite3.Connection, job: _Job) -> tuple[_Job, Any, BaseException | None]:
@@ -478,8 +606,54 @@ def _translate(exc: sqlite3.Error, what: str) -> StoreError:
 
 
 def _key_record(row: tuple[Any, ...]) -> KeyRecord:
-    key_id, name, key_hash, created_at, expires_at, revoked, remaining = row
-    return KeyRecord(key_id, name, key_hash, created_at, expires_at, bool(revoked), remaining)
+    key_id, name, key_hash, created_at, expires_at, revoked, remaining, *limits = row
+    return KeyRecord(key_id, name, key_hash, created_at, expires_at, bool(revoked), remaining, *limits)
+
+
+def _reserve_statement(limit_concurrency: bool, limit_rate: bool) -> str:
+    """The conditional UPDATE of a reservation: debit the balance and count the reservation in
+    the key's rate-limit window, only where the key is usable, the balance suffices and the
+    limits given leave room. A window stored by a later clock stays current."""
+    statement = (
+        "UPDATE keys SET remaining_credits = remaining_credits - :credits,"
+        " rpm_count = CASE WHEN rpm_window >= :window THEN rpm_count + 1 ELSE 1 END,"
+        " rpm_window = CASE WHEN rpm_window >= :window THEN rpm_window ELSE :window END"
+        " WHERE key_id = :key_id AND remaining_credits >= :credits AND revoked = 0"
+        " AND (expires_at IS NULL OR expires_at > :now)"
+    )
+    if limit_concurrency:
+        statement += f" AND ({_OPEN_RESERVATIONS}) < :max_concurrency"
+    if limit_rate:
+        statement += " AND (rpm_window IS NULL OR rpm_window < :window OR rpm_count < :rate_limit_rpm)"
+    return statement + " RETURNING remaining_credits"
+
+
+# The key's open reservations, counted up to the limit (reservations_pending_by_key).
+_OPEN_RESERVATIONS = (
+    "SELECT count(*) FROM (SELECT 1 FROM reservations"
+    " WHERE key_id = :key_id AND state = 'pending' LIMIT :max_concurrency)"
+)
+
+
+def _refuse_reservation(
+    conn: sqlite3.Connection, key_id: str, credits: int, now: float,
+    max_concurrency: int | None, rate_limit_rpm: int | None,
+) -> None:
+    """Raise why the reservation's UPDATE matched no row (same transaction: the same state)."""
+    record = _require_key(conn, key_id)
+    if not record.usable(now):
+        raise UnknownKey(f"key {key_id} is revoked or expired")
+    if record.remaining_credits < credits:
+        raise InsufficientCredits(record.remaining_credits, credits)
+    if max_concurrency is not None:
+        values = {"key_id": key_id, "max_concurrency": max_concurrency}
+        if conn.execute(_OPEN_RESERVATIONS, values).fetchone()[0] >= max_concurrency:
+            raise KeyLimitReached("max_concurrency", 1.0)
+    window, count = conn.execute("SELECT rpm_window, rpm_count FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+    in_window = window is not None and window >= rules.rpm_window(now)
+    if rate_limit_rpm is not None and in_window and count >= rate_limit_rpm:
+        raise KeyLimitReached("rate_limit_rpm", window + rules.RPM_WINDOW_S - now)
+    raise AssertionError("a reservation was refused for no reason")
 
 
 def _get_key(conn: sqlite3.Connection, key_id: str) -> KeyRecord | None:
@@ -496,7 +670,8 @@ def _require_key(conn: sqlite3.Connection, key_id: str) -> KeyRecord:
 
 def _post(
     conn: sqlite3.Connection, key_id: str, kind: PostingKind, credits: int, now: float, *,
-    reservation_id: str | None = None, note: str = "",
+    reservation_id: str | None = None, note: str = "", credits_charged: int | None = None,
+    usage: Usage | None = None,
 ) -> int:
     """Change a balance and record the posting; returns the new balance."""
     row = conn.execute(
@@ -505,22 +680,54 @@ def _post(
         (credits, key_id),
     ).fetchone()
     assert row is not None and 0 <= row[0] <= rules.MAX_CREDITS, "a balance left its bounds"
-    _record_posting(conn, key_id, kind, credits, now, reservation_id, note)
+    _record_posting(
+        conn, key_id, kind, credits, now, reservation_id, note, credits_charged=credits_charged, usage=usage
+    )
     return int(row[0])
 
 
 def _record_posting(
     conn: sqlite3.Connection, key_id: str, kind: PostingKind, credits: int, now: float,
-    reservation_id: str | None, note: str,
+    reservation_id: str | None, note: str, *, credits_charged: int | None = None, usage: Usage | None = None,
 ) -> None:
+    usage = usage or Usage()
     conn.execute(
-        "INSERT INTO postings (key_id, kind, credits, at, reservation_id, note) VALUES (?, ?, ?, ?, ?, ?)",
-        (key_id, kind, credits, now, reservation_id, note),
+        "INSERT INTO postings (key_id, kind, credits, at, reservation_id, note, credits_charged,"
+        " prompt_tokens, cached_tokens, completion_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            key_id, kind, credits, now, reservation_id, note, credits_charged,
+            usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens,
+        ),
     )
 
 
-def _close(conn: sqlite3.Connection, reservation_id: str, credits_charged: int | None, now: float) -> int:
-    """Settle (`credits_charged` given) or void a pending reservation; returns the new balance."""
+def _usage(
+    conn: sqlite3.Connection, key_id: str | None, since: float, until: float, bucket_s: int
+) -> list[UsageBucket]:
+    """One aggregation over the settle postings in [since, until) (postings_settled_by_time, or
+    postings_settled_by_key for one key). Bucket index = floor(at / bucket_s), the same float
+    division as `rules.bucket_start`. A settle posting of an earlier release has no
+    credits_charged: its reservation has it."""
+    rows = conn.execute(
+        "SELECT bucket, count(*), sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), sum(charged)"
+        " FROM (SELECT CAST(at / :bucket_s AS INTEGER) - (at / :bucket_s < CAST(at / :bucket_s AS INTEGER))"
+        " AS bucket, prompt_tokens, cached_tokens, completion_tokens, coalesce(credits_charged,"
+        " (SELECT r.credits_charged FROM reservations r WHERE r.reservation_id = p.reservation_id), 0)"
+        " AS charged"
+        " FROM postings p WHERE kind = 'settle' AND at >= :since AND at < :until"
+        + (" AND key_id = :key_id" if key_id is not None else "")
+        + ") GROUP BY bucket ORDER BY bucket",
+        {"bucket_s": bucket_s, "since": since, "until": until, "key_id": key_id},
+    )
+    return [UsageBucket(float(bucket * bucket_s), *sums) for bucket, *sums in rows]
+
+
+def _close(
+    conn: sqlite3.Connection, reservation_id: str, credits_charged: int | None, now: float,
+    usage: Usage | None = None,
+) -> int:
+    """Settle (`credits_charged` given, with the request's usage) or void a pending reservation;
+    returns the new balance."""
     # One conditional UPDATE closes it (pending -> settled/voided, exactly once); a SELECT
     # only says why not.
     if credits_charged is None:
@@ -553,4 +760,5 @@ def _close(conn: sqlite3.Connection, reservation_id: str, credits_charged: int |
     return _post(
         conn, key_id, "settle", credits_reserved - credits_charged, now,
         reservation_id=reservation_id, note=f"charged {credits_charged}",
+        credits_charged=credits_charged, usage=usage,
     )
