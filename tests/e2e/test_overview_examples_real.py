@@ -3,7 +3,8 @@
 tests/overview/test_overview_examples.py runs them against the fake engine; here the page is
 written by `r1nest overview` (as a user runs it) for a running `r1nest serve` with the tiny
 DeepSeek-V3 model on vLLM's CPU build, the snippets are taken back out of its HTML with the same
-helpers, and curl (bash), Python (openai SDK) and JavaScript (node, openai npm package) run them.
+helpers, and curl (bash), Python (openai and anthropic SDKs) and JavaScript (node, openai npm
+package) run them.
 The examples leave max_tokens out, so they run on `serve_examples`, whose operator cap keeps the
 gateway's filled-in max_tokens small (the tiny model never stops by itself).
 """
@@ -40,7 +41,7 @@ def page_examples(serve_examples: Served, tmp_path_factory: pytest.TempPathFacto
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"at {serve_examples.url}/v1: ready" in done.stdout, done.stdout
     examples = extract(out.read_text()).examples
-    assert set(examples) == {"curl", "python", "javascript", "credits"}
+    assert set(examples) == {"curl", "python", "javascript", "anthropic", "credits"}
     for code in examples.values():  # the deployment's own key is written in
         assert serve_examples.key in code and "OPENAI_API_KEY" not in code
     return examples
@@ -70,6 +71,7 @@ def test_curl_python_and_credits_examples_run_as_shown(page_examples: dict[str, 
     assert reply["usage"]["completion_tokens"] == EXAMPLES_MAX_TOKENS_CAP  # filled in by the gateway
 
     check_streamed(run_example("python", page_examples["python"], tmp_path, env), serve_examples, "python")
+    check_streamed(run_example("anthropic", page_examples["anthropic"], tmp_path, env), serve_examples, "anthropic")
 
     credits = json.loads(run_example("credits", page_examples["credits"], tmp_path, env))
     assert credits["remaining_credits"] == serve_examples.credits()

@@ -87,8 +87,8 @@ def run_example(example_id: str, code: str, workdir: Path, env: dict[str, str]) 
     """Runs one example exactly as shown; returns its stdout (fails the test on a non-zero exit)."""
     if example_id in ("curl", "credits"):
         argv = ["bash", "-c", code]
-    elif example_id == "python":
-        path = workdir / "r1_example.py"
+    elif example_id in ("python", "anthropic"):
+        path = workdir / ("r1_example.py" if example_id == "python" else "r1_anthropic.py")
         path.write_text(code)
         argv = [sys.executable, str(path)]
     elif example_id == "javascript":
@@ -112,7 +112,7 @@ def check_outputs(outputs: dict[str, str]) -> None:
     assert message["content"].strip() == ANSWER.strip()
     assert reply["model"] == MODEL
 
-    for name in ("python", "javascript"):
+    for name in ("python", "javascript", "anthropic"):
         if name not in outputs:
             continue
         out = outputs[name]
@@ -152,7 +152,7 @@ def test_examples_from_the_written_page_run_against_the_deployment(deployment, t
     assert result.exit_code == 0, result.output
     assert "ready" in result.output
     page = extract(out.read_text())
-    assert set(page.examples) == {"curl", "python", "javascript", "credits"}
+    assert set(page.examples) == {"curl", "python", "javascript", "anthropic", "credits"}
     for code in page.examples.values():  # the real key is written in, nothing to fill in
         assert "OPENAI_API_KEY" not in code
     assert deployment.key in page.examples["python"]
@@ -163,7 +163,7 @@ def test_examples_from_the_written_page_run_against_the_deployment(deployment, t
                if name != "javascript"}
     check_outputs(outputs)
     sent = [r.json() for r in deployment.engine.requests[before:] if r.path == "/v1/chat/completions"]
-    assert len(sent) == 2, "curl and Python each made one request to the engine"
+    assert len(sent) == 3, "curl, Python and the Anthropic example each made one request to the engine"
     for body in sent:
         assert body["model"] == MODEL and body["temperature"] == 0.6 and body["top_p"] == 0.95
         assert [m["role"] for m in body["messages"]] == ["user"]
@@ -242,7 +242,7 @@ def test_examples_from_the_served_page_in_chromium_run_against_the_deployment(de
         finally:
             context.close()
 
-    assert set(examples) == {"curl", "python", "javascript", "credits"}
+    assert set(examples) == {"curl", "python", "javascript", "anthropic", "credits"}
     # The gateway's page shows the deployment's key (data_dir/api_key) with its balance; a gateway
     # that does not know it has examples that read $OPENAI_API_KEY, and says so. Either way the
     # text runs as shown.
@@ -253,7 +253,7 @@ def test_examples_from_the_served_page_in_chromium_run_against_the_deployment(de
     else:
         assert all("OPENAI_API_KEY" in code for code in examples.values())
         env = clean_env(OPENAI_API_KEY=deployment.key)
-    names = ["curl", "python", "credits"]
+    names = ["curl", "python", "anthropic", "credits"]
     try:
         node_with_openai_or_skip()
         names.append("javascript")

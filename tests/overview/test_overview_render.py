@@ -22,7 +22,7 @@ def test_examples_on_the_page_are_exactly_the_built_examples(context):
     html = render_overview(context)
     found = extract(html).examples
     built = {ex.id: ex.code for ex in build_examples(context)}
-    assert set(found) == {"curl", "python", "javascript", "credits"}
+    assert set(found) == {"curl", "python", "javascript", "anthropic", "credits"}
     assert found == built
 
 

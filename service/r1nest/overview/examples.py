@@ -37,7 +37,7 @@ class Segment:
 
 @dataclass(frozen=True, slots=True)
 class Example:
-    id: str  # "curl", "credits", "python", "javascript"
+    id: str  # "curl", "credits", "python", "javascript", "anthropic"
     title: str
     language: str  # "bash", "python", "javascript"
     filename: str  # what the run hint saves it as ("" for shell one-liners)
@@ -225,5 +225,54 @@ def javascript_example(ctx: OverviewContext) -> Example:
     )
 
 
+# The Messages API requires max_tokens; the gateway lowers it to what the deployment allows (its
+# cap and the context left), so one number fits every deployment.
+ANTHROPIC_MAX_TOKENS = 8192
+
+
+def anthropic_example(ctx: OverviewContext) -> Example:
+    b = _Builder(ctx, "python")
+    if ctx.api_key is None:
+        b.text("import os\n\n")
+    b.text("import anthropic\n\n")
+    b.text("client = anthropic.Anthropic(\n")
+    b.text(f"    base_url={json.dumps(ctx.public_endpoint.removesuffix('/v1'))},\n")
+    b.text("    api_key=").key().text(",\n")
+    b.text(")\n\n")
+    b.text(
+        "# Anthropic's Messages API: R1's reasoning arrives in a thinking block, the answer in a text block.\n"
+        "with client.messages.stream(\n"
+        f"    model={json.dumps(ctx.model)},\n"
+        f"    max_tokens={ANTHROPIC_MAX_TOKENS},  # a ceiling: lowered to what this deployment allows\n"
+        f"    messages=[{{\"role\": \"user\", \"content\": {json.dumps(PROMPT)}}}],\n"
+        ") as stream:  # no temperature here: the gateway applies R1's 0.6 / top_p 0.95\n"
+        '    print("Thinking:")\n'
+        "    answering = False\n"
+        "    credits = None\n"
+        "    for event in stream:\n"
+        '        if event.type == "content_block_delta" and event.delta.type == "thinking_delta":\n'
+        '            print(event.delta.thinking, end="", flush=True)\n'
+        '        elif event.type == "content_block_delta" and event.delta.type == "text_delta":\n'
+        "            if not answering:\n"
+        '                print("\\n\\nAnswer:")\n'
+        "                answering = True\n"
+        '            print(event.delta.text, end="", flush=True)\n'
+        '        elif event.type == "message_delta":  # the end: the key\'s credits after this answer\n'
+        '            credits = getattr(event, "remaining_credits", None)\n'
+        "    usage = stream.get_final_message().usage\n"
+        "tokens = usage.input_tokens + (usage.cache_read_input_tokens or 0) + usage.output_tokens\n"
+        'print(f"\\n\\n[{tokens} tokens; {credits} credits left]")\n'
+    )
+    return Example(
+        id="anthropic",
+        title="Python (anthropic SDK, Messages API, streaming)",
+        language="python",
+        filename="r1_anthropic.py",
+        run_hint="pip install anthropic, save as r1_anthropic.py, run python r1_anthropic.py",
+        segments=b.build(),
+    )
+
+
 def build_examples(ctx: OverviewContext) -> tuple[Example, ...]:
-    return (curl_example(ctx), python_example(ctx), javascript_example(ctx), credits_example(ctx))
+    return (curl_example(ctx), python_example(ctx), javascript_example(ctx), anthropic_example(ctx),
+            credits_example(ctx))
