@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
 """Ledger throughput: what one gateway worker's store does per request, as fast as it can.
 
-    .venv/bin/python scripts/bench_ledger.py [--seconds 5] [--concurrency 64] [--store sqlite|memory]
+    .venv/bin/python scripts/bench_ledger.py [--seconds 5] [--concurrency 1,64] [--runs 3]
+        [--store sqlite|memory|postgres|all] [--pool-size 10]
 
 Each simulated request does what the gateway does: get_key (authenticate), reserve, settle.
-`--concurrency` requests are in flight at once on one asyncio loop. For SQLite the run is
-repeated with group commit off (`max_batch=1`: one fsync per operation) to show what batching
-buys. The ledger is a durable SQLite file (WAL; settle, top-up, key creation and revocation commit with synchronous=FULL, reserve and void with NORMAL: docs/ledger.md) in a temporary directory.
+`--concurrency` requests are in flight at once on one asyncio loop (a comma-separated list runs
+each). For SQLite the run is repeated with group commit off (`max_batch=1`: one fsync per
+operation) to show what batching buys. The SQLite ledger is a durable file (WAL; settle, top-up,
+key creation and revocation commit with synchronous=FULL, reserve and void with NORMAL:
+docs/ledger.md) in a temporary directory. PostgreSQL is a throwaway local server started for the
+run (`r1nest.testing.postgres`, durable: fsync and synchronous_commit on, PostgreSQL's defaults)
+reached over TCP on loopback through the store's pool (`--pool-size`, the gateway's default 10);
+each run gets a fresh database. With `--runs N` each figure is the median of N runs.
 """
 
 from __future__ import annotations
@@ -14,12 +20,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import tempfile
 import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 
-async def run(store, seconds: float, concurrency: int) -> dict[str, float]:
+async def run(store: Any, seconds: float, concurrency: int) -> dict[str, float]:
     key_id = "0123456789ab"
     await store.create_key(key_id=key_id, key_hash="f" * 64, name="bench", credits=10**15, expires_at=None, now=time.time())
     done = 0
@@ -52,25 +63,47 @@ async def run(store, seconds: float, concurrency: int) -> dict[str, float]:
     }
 
 
+def stores(which: str, stack: ExitStack, pool_size: int) -> Iterator[tuple[str, Callable[[], Any]]]:
+    """(label, a factory of a fresh store) for each store to measure."""
+    if which in ("memory", "all"):
+        from r1nest.ledger.memory import MemoryStore
+
+        yield "memory", MemoryStore
+    if which in ("sqlite", "all"):
+        from r1nest.ledger.sqlite import SqliteStore
+
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        for label, max_batch in (("sqlite group commit", 256), ("sqlite one commit per op", 1)):
+            yield label, lambda max_batch=max_batch: SqliteStore(tmp / f"{uuid.uuid4().hex}.sqlite3", max_batch=max_batch)
+    if which in ("postgres", "all"):
+        from r1nest.ledger.postgres import PostgresStore
+        from r1nest.testing.postgres import postgres_server
+
+        server = stack.enter_context(postgres_server(durable=True))
+        yield (
+            f"postgres (pool {pool_size})",
+            lambda: PostgresStore(server.create_database(f"bench_{uuid.uuid4().hex[:12]}"), pool_size=pool_size),
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite")
+    parser.add_argument("--concurrency", default="64", help="requests in flight; a comma-separated list runs each")
+    parser.add_argument("--runs", type=int, default=1, help="repeat each measurement; figures are medians")
+    parser.add_argument("--store", choices=["sqlite", "memory", "postgres", "all"], default="sqlite")
+    parser.add_argument("--pool-size", type=int, default=10, help="PostgreSQL connections (the gateway's default)")
     args = parser.parse_args()
-    results = {}
-    if args.store == "memory":
-        from r1nest.ledger.memory import MemoryStore
-
-        results["memory"] = asyncio.run(run(MemoryStore(), args.seconds, args.concurrency))
-    else:
-        from r1nest.ledger.sqlite import SqliteStore
-
-        with tempfile.TemporaryDirectory() as tmp:
-            for label, max_batch in (("sqlite group commit", 256), ("sqlite one commit per op", 1)):
-                path = Path(tmp) / f"{max_batch}.sqlite3"
-                results[label] = asyncio.run(run(SqliteStore(path, max_batch=max_batch), args.seconds, args.concurrency))
-    print(json.dumps({"concurrency": args.concurrency, "results": results}, indent=2))
+    levels = [int(level) for level in args.concurrency.split(",")]
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    with ExitStack() as stack:
+        for label, make in stores(args.store, stack, args.pool_size):
+            for level in levels:
+                runs = [asyncio.run(run(make(), args.seconds, level)) for _ in range(args.runs)]
+                results.setdefault(label, {})[level] = {
+                    field: round(statistics.median(r[field] for r in runs), 2) for field in runs[0]
+                }
+    print(json.dumps({"seconds": args.seconds, "runs": args.runs, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -118,14 +118,14 @@ serve_image = (
                    ignore=["**/__pycache__", "**/*.egg-info"])
     .add_local_dir(REPO_ROOT / "templates", f"{R1NEST_DIR}/templates", copy=True)
     .run_commands(
-        f'PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir -e {R1NEST_DIR} "boto3==1.44.5"'
+        f'PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir -e {R1NEST_DIR} '
+        '"asyncpg==0.32.0" "boto3==1.44.5"'  # the ledger's drivers: PostgreSQL, DynamoDB
     )
     .env({
         # the plan's inputs, so that the container plans what `modal deploy` planned
         "R1NEST_MODEL": MODEL,
         "R1NEST_ENGINE": ENGINE,
-        # the ledger is shared by every container: DynamoDB (table and region in the AWS secret)
-        "R1NEST_STORE": "dynamodb",
+        # the ledger (shared by every container) is named by the r1nest-ledger secret: see below
         "R1NEST_DATA_DIR": "/tmp/r1nest",
         "HF_HOME": HF_HOME,
         "HF_HUB_OFFLINE": "1",  # serve from the Volume only; download_weights fills it
@@ -142,11 +142,31 @@ weights_volume = modal.Volume.from_name("r1nest-weights", create_if_missing=True
 # ## Secrets: never in this file, never in the image
 
 # `r1nest-keys` holds `R1NEST_ADMIN_KEY` (it guards `/admin`, `/metrics` and `/overview`).
-# `r1nest-aws` holds the DynamoDB ledger's credentials and location: `AWS_ACCESS_KEY_ID`,
-# `AWS_SECRET_ACCESS_KEY`, `R1NEST_AWS_REGION`, `R1NEST_DYNAMODB_TABLE`.
+# `r1nest-ledger` says where the credit ledger is, which every container shares. Either:
+# - `R1NEST_DATABASE_URL`: a PostgreSQL database (`postgresql://user:password@host:5432/db`),
+#   any provider's; the gateways create and migrate their tables on first use. No AWS account.
+# - or DynamoDB: `R1NEST_DYNAMODB_TABLE`, `R1NEST_AWS_REGION`, and credentials that may use that
+#   table (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`).
+# The container picks the store from what the secret holds (`ledger_store` below).
 
 keys_secret = modal.Secret.from_name("r1nest-keys")
-aws_secret = modal.Secret.from_name("r1nest-aws")
+ledger_secret = modal.Secret.from_name("r1nest-ledger")
+
+
+def ledger_store(environ) -> str:
+    """The `R1NEST_STORE` for what the r1nest-ledger secret put in the environment."""
+    has_postgres = bool(environ.get("R1NEST_DATABASE_URL"))
+    has_dynamodb = bool(environ.get("R1NEST_DYNAMODB_TABLE"))
+    if has_postgres and has_dynamodb:
+        raise RuntimeError("the r1nest-ledger secret names two ledgers: keep R1NEST_DATABASE_URL "
+                           "(PostgreSQL) or R1NEST_DYNAMODB_TABLE (DynamoDB), not both")
+    if has_postgres:
+        return "postgres"
+    if has_dynamodb:
+        return "dynamodb"
+    raise RuntimeError("the r1nest-ledger secret needs R1NEST_DATABASE_URL (PostgreSQL) or "
+                       "R1NEST_DYNAMODB_TABLE with R1NEST_AWS_REGION and AWS credentials (DynamoDB)")
+
 
 app = modal.App(APP_NAME)
 
@@ -165,33 +185,45 @@ download_image = modal.Image.debian_slim(python_version="3.12").pip_install("hug
 
 
 @app.function(image=download_image, volumes={"/data": weights_volume}, timeout=DOWNLOAD_TIMEOUT_S)
-def download_weights(repo_id: str = PLAN.profile.model):
+def download_weights(repo_id: str = PLAN.profile.model, revision: str | None = PLAN.profile.revision):
     from huggingface_hub import HfApi, snapshot_download
 
-    files = sorted(HfApi().list_repo_files(repo_id))
+    # revision: the catalog's pinned commit (the engine loads the same one); None: main, and the
+    # commit it resolved to is printed, so the deployment's log records what it serves
+    files = sorted(HfApi().list_repo_files(repo_id, revision=revision))
     total = len(files)
     for start in range(0, total, DOWNLOAD_BATCH_FILES):
         batch = files[start : start + DOWNLOAD_BATCH_FILES]
-        snapshot_download(repo_id, allow_patterns=batch)  # resumes partial files, skips complete ones
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=batch)  # resumes, skips complete
         weights_volume.commit()
         print(f"{min(start + len(batch), total)}/{total} files of {repo_id} on the Volume", flush=True)
+    commit = os.path.basename(path.rstrip("/")) if total else "?"
+    print(f"weights: {repo_id} at commit {commit} ({'pinned' if revision else 'main, unpinned'})", flush=True)
 
 
-# ## The ledger table (once)
+# ## The ledger (once)
 
-# `modal run infra/modal/app.py::create_ledger_table` creates the DynamoDB table (with TTL on
-# reservations) named in the `r1nest-aws` secret. Deployments that manage AWS with Pulumi or
-# Terraform create it from `r1nest.ledger.dynamodb.table_spec()` instead.
+# `modal run infra/modal/app.py::prepare_ledger` readies the ledger the `r1nest-ledger` secret
+# names: PostgreSQL's schema migrations (`r1nest ledger migrate`; the gateways would apply them
+# on first use anyway), or the DynamoDB table with TTL on reservations. Deployments that manage
+# AWS with Pulumi or Terraform create the table from `r1nest.ledger.dynamodb.table_spec()`.
 
 
-@app.function(image=serve_image, secrets=[aws_secret], timeout=5 * MINUTES)
-def create_ledger_table():
+@app.function(image=serve_image, secrets=[ledger_secret], timeout=5 * MINUTES)
+def prepare_ledger():
+    import subprocess
+
+    store = ledger_store(os.environ)
+    os.environ["R1NEST_STORE"] = store
+    if store == "postgres":
+        subprocess.run(["r1nest", "ledger", "migrate"], check=True)
+        return
     from r1nest.ledger.dynamodb import create_table
     from r1nest.settings import load_settings
 
     settings = load_settings()
-    if not settings.dynamodb_table or not settings.aws_region:
-        raise SystemExit("the r1nest-aws secret needs R1NEST_DYNAMODB_TABLE and R1NEST_AWS_REGION")
+    if not settings.aws_region:
+        raise SystemExit("the r1nest-ledger secret needs R1NEST_AWS_REGION beside R1NEST_DYNAMODB_TABLE")
     create_table(settings.dynamodb_table, settings.aws_region)
     print(f"created {settings.dynamodb_table} in {settings.aws_region}")
 
@@ -224,7 +256,7 @@ def container_commands(plan, *, engine_port: int = ENGINE_PORT, gateway_port: in
     image=serve_image,
     gpu=GPU,
     volumes={"/data": weights_volume},
-    secrets=[keys_secret, aws_secret],
+    secrets=[keys_secret, ledger_secret],
     timeout=REQUEST_TIMEOUT_S,
     scaledown_window=SCALEDOWN_WINDOW_S,
     min_containers=MIN_CONTAINERS,
@@ -238,6 +270,7 @@ def serve():
 
     from r1nest.engines.base import engine_env, engine_secret_files
 
+    store = ledger_store(os.environ)  # a secret that names no ledger stops the container here
     doctor, engine, gateway = container_commands(PLAN)
     report = subprocess.run(doctor, capture_output=True, text=True, timeout=15 * MINUTES, check=False)
     verdict = json.loads(report.stdout) if report.stdout.strip().startswith("{") else {}
@@ -249,7 +282,7 @@ def serve():
                            "run `modal run infra/modal/app.py::download_weights` first")
 
     # the engine's own key: in its environment (vLLM) or a 0600 file (SGLang), never in argv;
-    # the engine gets neither the admin key nor the AWS credentials
+    # the engine gets neither the admin key nor the ledger's URL or AWS credentials
     engine_key = secrets.token_urlsafe(32)
     os.makedirs("/run/r1nest", mode=0o700, exist_ok=True)
     for name, text in engine_secret_files(PLAN.profile, api_key=engine_key).items():
@@ -259,7 +292,8 @@ def serve():
     engine_environ = {k: v for k, v in os.environ.items() if not k.startswith(("R1NEST_", "AWS_"))}
     engine_environ.update(engine_env(PLAN.profile, api_key=engine_key))
     engine_process = subprocess.Popen(engine, env=engine_environ)
-    gateway_process = subprocess.Popen(gateway, env={**os.environ, "R1NEST_UPSTREAM_KEY": engine_key})
+    gateway_environ = {**os.environ, "R1NEST_STORE": store, "R1NEST_UPSTREAM_KEY": engine_key}
+    gateway_process = subprocess.Popen(gateway, env=gateway_environ)
 
     # Modal replaces a container that exits: leave when either process dies, or when the engine
     # is not ready within the start-up budget.

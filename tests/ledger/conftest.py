@@ -1,4 +1,5 @@
-"""Ledger fixtures: every backend behind one `store` fixture, and AWS made local and fake."""
+"""Ledger fixtures: every backend behind one `store` fixture, AWS made local and fake, and a real
+PostgreSQL server for the session (a fresh database per test)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from r1nest.testing.dynamodb import (
     moto_dynamodb_server,
     serialized_mock_aws,
 )
+from r1nest.testing.postgres import PostgresServer, PostgresUnavailable, server_bindir
+from r1nest.testing.postgres import postgres_server as postgres_server_running
 
-BACKENDS = ["memory", "sqlite", "dynamodb-moto", "dynamodb-server"]
+BACKENDS = ["memory", "sqlite", "dynamodb-moto", "dynamodb-server", "postgres"]
 
 
 @pytest.fixture
@@ -59,6 +62,23 @@ def new_table_name() -> str:
     return f"r1nest-ledger-{uuid.uuid4().hex[:12]}"
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster on loopback for the session (r1nest.testing.postgres)."""
+    try:
+        server_bindir()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    with postgres_server_running() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A new, empty database on the session's server; the store migrates it on first use."""
+    return postgres_server.create_database(f"ledger_{uuid.uuid4().hex[:12]}")
+
+
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Store]:
     backend = request.param
@@ -83,6 +103,12 @@ async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Store
         dynamo.create_table()
         yield dynamo
         await dynamo.close()
+    elif backend == "postgres":
+        from r1nest.ledger.postgres import PostgresStore
+
+        postgres = PostgresStore(request.getfixturevalue("postgres_url"))
+        yield postgres
+        await postgres.close()
     else:
         request.getfixturevalue("fake_aws")
         endpoint = request.getfixturevalue("moto_endpoint")

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 from r1nest.accounts import (
-    ADMIN_KEY_FILE,
     authenticate,
     create_api_key,
     ensure_admin_key,
     read_admin_key,
 )
 from r1nest.errors import ConfigError, InvalidLedgerArgument
+from r1nest.files import ADMIN_KEY_FILE
 from r1nest.keys import hash_key, parse_key_id
 from r1nest.ledger.memory import MemoryStore
 from r1nest.ledger.sqlite import SqliteStore

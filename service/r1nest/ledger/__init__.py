@@ -1,7 +1,7 @@
 """Credit ledger and key store: one interface (`base.Store`), one file per backend.
 
 `open_store(settings)` picks the backend the settings name. Backends import their heavy
-dependencies (boto3) only when chosen, so the gateway starts without them.
+dependencies (boto3, asyncpg) only when chosen, so the gateway starts without them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ __all__ = ["KeyRecord", "Posting", "Reservation", "Store", "Usage", "UsageBucket
 
 
 def open_store(settings: Settings) -> Store:
-    """The store the settings name: SQLite in `data_dir` (default) or a DynamoDB table."""
+    """The store the settings name: SQLite in `data_dir` (default), a DynamoDB table or a
+    PostgreSQL database."""
     if settings.store == "sqlite":
         from r1nest.ledger.sqlite import SqliteStore
 
@@ -31,6 +32,12 @@ def open_store(settings: Settings) -> Store:
         return DynamoStore(
             settings.dynamodb_table, settings.aws_region, endpoint_url=settings.dynamodb_endpoint_url
         )
+    if settings.store == "postgres":
+        if settings.database_url is None:
+            raise ConfigError("store = postgres needs database_url (R1NEST_DATABASE_URL)")
+        from r1nest.ledger.postgres import PostgresStore
+
+        return PostgresStore(settings.database_url.get_secret_value(), pool_size=settings.database_pool_size)
     raise ConfigError(f"unknown store {settings.store!r}")
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -81,7 +83,7 @@ def test_function_matches_the_plan_for_every_catalog_model(model: str, monkeypat
     assert info.gpus == [(gpu_name, gpu_count)]
     assert {path: v.name for path, v in info.volumes.items()} == {"/data": "r1nest-weights"}
     assert sorted(info.secrets) == sorted(["modal.Secret.from_name('r1nest-keys')",
-                                           "modal.Secret.from_name('r1nest-aws')"])
+                                           "modal.Secret.from_name('r1nest-ledger')"])
     assert info.concurrency_info.max_inputs == expected.max_concurrency
     assert info.timeout == module.REQUEST_TIMEOUT_S >= 30 * 60  # the gateway's longest stream
     from modal._utils.async_utils import synchronizer
@@ -123,6 +125,49 @@ def test_the_container_runs_doctor_then_the_engine_profile_then_the_gateway(
     assert params["served_model"] == module.PLAN.profile.served_model_name == "deepseek-r1"
     assert params["port"] == 8000 and params["upstream_key"] is None  # the key travels in the env
     assert not any("key" in arg.lower() and "=" in arg for arg in engine_cmd + gateway_cmd)
+
+
+LEDGER_SECRETS = {
+    "postgres": {"R1NEST_DATABASE_URL": "postgresql://r1nest:pw-in-the-secret@db.example.net:5432/ledger"},
+    "dynamodb": {"R1NEST_DYNAMODB_TABLE": "r1nest-ledger", "R1NEST_AWS_REGION": "us-east-1",
+                 "AWS_ACCESS_KEY_ID": "id-in-the-secret", "AWS_SECRET_ACCESS_KEY": "key-in-the-secret"},
+}
+
+
+@pytest.mark.parametrize("store", ["postgres", "dynamodb"])
+def test_the_ledger_secret_picks_the_store_the_gateway_opens(
+    store: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What `serve` hands the gateway: R1NEST_STORE from what the r1nest-ledger secret holds; the
+    gateway's settings then open that store (built offline: nothing is contacted)."""
+    from r1nest.ledger import open_store
+    from r1nest.settings import load_settings
+
+    module = load_app(monkeypatch, "deepseek-r1-distill-qwen-1.5b")
+    secret = LEDGER_SECRETS[store]
+    assert module.ledger_store(secret) == store
+    for name in [n for n in os.environ if n.startswith(("R1NEST_", "AWS_"))]:
+        monkeypatch.delenv(name)
+    for name, value in {**secret, "R1NEST_STORE": module.ledger_store(secret), "R1NEST_DATA_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    opened = open_store(load_settings())
+    assert type(opened).__name__ == {"postgres": "PostgresStore", "dynamodb": "DynamoStore"}[store]
+    asyncio.run(opened.close())
+
+
+def test_a_ledger_secret_naming_no_ledger_or_two_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load_app(monkeypatch, "deepseek-r1-distill-qwen-1.5b")
+    with pytest.raises(RuntimeError, match="needs R1NEST_DATABASE_URL"):
+        module.ledger_store({"R1NEST_AWS_REGION": "us-east-1"})
+    with pytest.raises(RuntimeError, match="not both"):
+        module.ledger_store({**LEDGER_SECRETS["postgres"], **LEDGER_SECRETS["dynamodb"]})
+
+
+def test_the_image_fixes_no_store_and_installs_both_ledger_drivers() -> None:
+    text = APP_FILE.read_text()
+    for block in re.findall(r"\.env\(\{(.*?)\}\)", text, flags=re.S):
+        assert "R1NEST_STORE" not in block and "DATABASE_URL" not in block  # the secret decides
+    assert re.search(r'"asyncpg==[0-9.]+"', text) and re.search(r'"boto3==[0-9.]+"', text)
 
 
 def test_the_image_starts_from_the_same_pinned_bases_as_images(monkeypatch: pytest.MonkeyPatch) -> None:
