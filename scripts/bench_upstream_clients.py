@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -275,13 +276,15 @@ async def _clients(args: argparse.Namespace, url: str) -> dict[str, Any]:
         order = names[round_ % len(names):] + names[: round_ % len(names)]
         for name in order:
             pool, figures = pools[name], runs[name]
-            cpu, wall, n = await _measure(lambda: _whole(pool), args.requests, 1)
+            cpu, wall, n = await _measure(functools.partial(_whole, pool), args.requests, 1)
             figures.setdefault("whole_cpu_us_per_request", []).append(1e6 * cpu / n)
             figures.setdefault("whole_rps", []).append(n / wall)
-            cpu, wall, n = await _measure(lambda: _whole(pool), args.requests, args.concurrency)
+            cpu, wall, n = await _measure(functools.partial(_whole, pool), args.requests, args.concurrency)
             figures.setdefault("whole16_cpu_us_per_request", []).append(1e6 * cpu / n)
             figures.setdefault("whole16_rps", []).append(n / wall)
-            cpu, wall, n = await _measure(lambda: _stream(pool, stream_body), args.streams, args.stream_concurrency)
+            cpu, wall, n = await _measure(
+                functools.partial(_stream, pool, stream_body), args.streams, args.stream_concurrency
+            )
             figures.setdefault("stream_cpu_us_per_event", []).append(1e6 * cpu / n)
             figures.setdefault("stream_events_per_s", []).append(n / wall)
     for pool in pools.values():

@@ -22,7 +22,9 @@
 import json
 import os
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import modal
 
@@ -33,6 +35,8 @@ import modal
 
 MODEL = os.environ.get("R1NEST_MODEL", "deepseek-r1")
 ENGINE = os.environ.get("R1NEST_ENGINE", "vllm")
+if ENGINE not in ("vllm", "sglang"):
+    raise RuntimeError(f"R1NEST_ENGINE must be vllm or sglang, not {ENGINE!r}")
 CONTEXT_TOKENS = None  # None: the catalog's default context for the model; or e.g. 32_768
 APP_NAME = "r1nest"  # `r1nest overview --modal-app r1nest` finds the deployment by this name
 
@@ -54,8 +58,9 @@ except ImportError:
 
 from r1nest.catalog import resolve_model  # noqa: E402  (plain Python too)
 from r1nest.engines.launcher import estimate_startup_s  # noqa: E402
+from r1nest.ports import ENGINE_PORT, GATEWAY_PORT  # noqa: E402
 
-PLAN = planner.plan(MODEL, "modal", engine=ENGINE, context=CONTEXT_TOKENS)
+PLAN = planner.plan(MODEL, "modal", engine="sglang" if ENGINE == "sglang" else "vllm", context=CONTEXT_TOKENS)
 if PLAN.nodes != 1:
     raise RuntimeError(f"the plan for {MODEL} needs {PLAN.nodes} nodes; a Modal container has at most 8 GPUs")
 
@@ -90,8 +95,8 @@ SCALEDOWN_WINDOW_S = min(60 * MINUTES, max(10 * MINUTES, 2 * STARTUP_TIMEOUT_S))
 # its GPUs around the clock (`PLAN.cost_usd_per_hour`, e.g. ~$36/h for H200:8).
 MIN_CONTAINERS = 0
 
-GATEWAY_PORT = 8000  # the only port Modal exposes
-ENGINE_PORT = 8100  # loopback only, with its own random key
+# The gateway listens on r1nest's GATEWAY_PORT, the only port Modal exposes; the engine on
+# ENGINE_PORT, loopback only, with its own random key.
 
 # ## The container image: the same one as `images/`
 
@@ -153,7 +158,7 @@ keys_secret = modal.Secret.from_name("r1nest-keys")
 ledger_secret = modal.Secret.from_name("r1nest-ledger")
 
 
-def ledger_store(environ) -> str:
+def ledger_store(environ: Mapping[str, str]) -> str:
     """The `R1NEST_STORE` for what the r1nest-ledger secret put in the environment."""
     has_postgres = bool(environ.get("R1NEST_DATABASE_URL"))
     has_dynamodb = bool(environ.get("R1NEST_DYNAMODB_TABLE"))
@@ -185,7 +190,7 @@ download_image = modal.Image.debian_slim(python_version="3.12").pip_install("hug
 
 
 @app.function(image=download_image, volumes={"/data": weights_volume}, timeout=DOWNLOAD_TIMEOUT_S)
-def download_weights(repo_id: str = PLAN.profile.model, revision: str | None = PLAN.profile.revision):
+def download_weights(repo_id: str = PLAN.profile.model, revision: str | None = PLAN.profile.revision) -> None:
     from huggingface_hub import HfApi, snapshot_download
 
     # revision: the catalog's pinned commit (the engine loads the same one); None: main, and the
@@ -210,7 +215,7 @@ def download_weights(repo_id: str = PLAN.profile.model, revision: str | None = P
 
 
 @app.function(image=serve_image, secrets=[ledger_secret], timeout=5 * MINUTES)
-def prepare_ledger():
+def prepare_ledger() -> None:
     import subprocess
 
     store = ledger_store(os.environ)
@@ -222,7 +227,7 @@ def prepare_ledger():
     from r1nest.settings import load_settings
 
     settings = load_settings()
-    if not settings.aws_region:
+    if not settings.aws_region or not settings.dynamodb_table:
         raise SystemExit("the r1nest-ledger secret needs R1NEST_AWS_REGION beside R1NEST_DYNAMODB_TABLE")
     create_table(settings.dynamodb_table, settings.aws_region)
     print(f"created {settings.dynamodb_table} in {settings.aws_region}")
@@ -239,8 +244,9 @@ def prepare_ledger():
 # on Modal calls that URL too.
 
 
-def container_commands(plan, *, engine_port: int = ENGINE_PORT, gateway_port: int = GATEWAY_PORT,
-                       secrets_dir: str = "/run/r1nest", python: str = "python3"):
+def container_commands(plan: planner.Plan, *, engine_port: int = ENGINE_PORT, gateway_port: int = GATEWAY_PORT,
+                       secrets_dir: str = "/run/r1nest", python: str = "python3"
+                       ) -> tuple[list[str], list[str], list[str]]:
     """(doctor, engine, gateway) argv lists for a plan. Pure: no key in any of them."""
     from r1nest.engines.base import engine_argv
 
@@ -263,12 +269,13 @@ def container_commands(plan, *, engine_port: int = ENGINE_PORT, gateway_port: in
 )
 @modal.concurrent(max_inputs=MAX_INPUTS)
 @modal.web_server(port=GATEWAY_PORT, startup_timeout=STARTUP_TIMEOUT_S)
-def serve():
+def serve() -> None:
     import secrets
     import subprocess
     import threading
 
     from r1nest.engines.base import engine_env, engine_secret_files
+    from r1nest.files import write_private_files
 
     store = ledger_store(os.environ)  # a secret that names no ledger stops the container here
     doctor, engine, gateway = container_commands(PLAN)
@@ -284,11 +291,7 @@ def serve():
     # the engine's own key: in its environment (vLLM) or a 0600 file (SGLang), never in argv;
     # the engine gets neither the admin key nor the ledger's URL or AWS credentials
     engine_key = secrets.token_urlsafe(32)
-    os.makedirs("/run/r1nest", mode=0o700, exist_ok=True)
-    for name, text in engine_secret_files(PLAN.profile, api_key=engine_key).items():
-        fd = os.open(f"/run/r1nest/{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+    write_private_files(Path("/run/r1nest"), engine_secret_files(PLAN.profile, api_key=engine_key))
     engine_environ = {k: v for k, v in os.environ.items() if not k.startswith(("R1NEST_", "AWS_"))}
     engine_environ.update(engine_env(PLAN.profile, api_key=engine_key))
     engine_process = subprocess.Popen(engine, env=engine_environ)
@@ -306,30 +309,44 @@ def _gateway_ready() -> bool:
 
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{GATEWAY_PORT}/health", timeout=5) as resp:
-            return resp.status == 200
+            return bool(resp.status == 200)
     except (urllib.error.URLError, OSError):  # 503 while warming is an HTTPError, a URLError
         return False
 
 
-def _watch(engine_process, gateway_process, *, ready=_gateway_ready, leave=os._exit,
-           deadline_s: float = STARTUP_TIMEOUT_S, poll_s: float = 5.0, clock=None, sleep=None):
-    """Return only by leaving the container: when a process dies, or the engine is late."""
+def _watch(engine_process: Any, gateway_process: Any, *, ready: Callable[[], bool] = _gateway_ready,
+           leave: Callable[[int], Any] = os._exit, deadline_s: float = STARTUP_TIMEOUT_S, poll_s: float = 5.0,
+           clock: Callable[[], float] | None = None, sleep: Callable[[float], Any] | None = None) -> None:
+    """Return only by leaving the container: when a process dies, or the engine is late. The
+    loop is r1nest's own health watch (the gateway's and `r1nest serve`'s), here probing until
+    the gateway first says ready; from then on the gateway watches the engine itself."""
+    import asyncio
     import time
 
-    clock, sleep = clock or time.monotonic, sleep or time.sleep
-    deadline = clock() + deadline_s
-    is_ready = False
-    while True:
+    from r1nest.gateway.health import LATE, watch_health
+    from r1nest.gateway.state import EngineState
+
+    sleep = sleep or time.sleep
+
+    def exited() -> bool:
         for name, process in (("engine", engine_process), ("gateway", gateway_process)):
             if process.poll() is not None:
                 print(f"the {name} exited with status {process.returncode}: stopping this container", flush=True)
-                leave(1)
-        if not is_ready:
-            is_ready = ready()
-            if not is_ready and clock() > deadline:
-                print(f"the engine was not ready after {deadline_s:.0f} s: stopping this container", flush=True)
-                leave(1)
-        sleep(poll_s)
+                return True
+        return False
+
+    async def probe() -> bool:
+        return bool(ready())
+
+    async def wait(seconds: float) -> None:
+        sleep(seconds)
+
+    outcome = asyncio.run(watch_health(probe, EngineState(phase="warming"), interval_s=poll_s, exited=exited,
+                                       wait=wait, ready_within_s=deadline_s, until_ready=True,
+                                       clock=clock or time.monotonic))
+    if outcome == LATE:
+        print(f"the engine was not ready after {deadline_s:.0f} s: stopping this container", flush=True)
+    leave(1)
 
 
 # ## Deploy, then try it
@@ -348,7 +365,7 @@ def _watch(engine_process, gateway_process, *, ready=_gateway_ready, leave=os._e
 
 @app.local_entrypoint()
 def smoke(credits: int = 1_000_000, prompt: str = "What is 17 * 23? Answer briefly.",
-          wait_s: int = 30 * MINUTES):
+          wait_s: int = 30 * MINUTES) -> None:
     import time
     import urllib.error
     import urllib.request
@@ -358,7 +375,10 @@ def smoke(credits: int = 1_000_000, prompt: str = "What is 17 * 23? Answer brief
     admin_key = os.environ.get("R1NEST_ADMIN_KEY")
     if not admin_key:
         raise SystemExit("set R1NEST_ADMIN_KEY to the admin key stored in the r1nest-keys secret")
-    url = modal.Function.from_name(APP_NAME, "serve").get_web_url().rstrip("/")
+    web_url = modal.Function.from_name(APP_NAME, "serve").get_web_url()
+    if web_url is None:
+        raise SystemExit(f"the {APP_NAME} app has no web endpoint: deploy it first (modal deploy infra/modal/app.py)")
+    url = web_url.rstrip("/")
     print(f"waiting for {url}/health (a cold start of {MODEL} takes minutes)")
     deadline = time.monotonic() + wait_s
     while True:
@@ -385,17 +405,15 @@ def smoke(credits: int = 1_000_000, prompt: str = "What is 17 * 23? Answer brief
     )
     with urllib.request.urlopen(request, timeout=60) as resp:
         api_key = json.loads(resp.read())["key"]
+    from r1nest.files import modal_key_file, write_key_file
+
     try:  # where `r1nest overview --from modal` looks (the data dir's modal/ folder)
-        from r1nest.overview.sources import modal_key_file
         from r1nest.settings import load_settings
 
-        key_file = modal_key_file(load_settings().data_dir, APP_NAME)
+        data_dir = load_settings().data_dir
     except ImportError:  # r1nest's own dependencies are not installed here: the default data dir
-        key_file = Path.home() / ".r1nest" / "modal" / f"{APP_NAME}.api_key"
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(api_key + "\n")
+        data_dir = Path.home() / ".r1nest"
+    key_file = write_key_file(modal_key_file(data_dir, APP_NAME), api_key)
     print(f"new API key kept in {key_file}")
 
     client = OpenAI(base_url=f"{url}/v1", api_key=api_key)

@@ -1,26 +1,26 @@
-"""API keys on top of a ledger store: create (plaintext shown once), authenticate, admin key.
+"""API keys on top of a ledger store: create (plaintext shown once), authenticate, the
+deployment's demo key, the admin key.
 
 The store keeps only `sha256(key)`; `authenticate` looks the key up by its public id and compares
 digests in constant time. The admin key is not in the store: it comes from settings, or is
-generated once into `data_dir/admin_key` (mode 0600).
+generated once into the data dir (r1nest.files keeps it, mode 0600).
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 from r1nest.errors import ConfigError, InvalidLedgerArgument
+from r1nest.files import API_KEY_FILE, create_admin_key_file, read_admin_key_file, read_key_file, write_key_file
 from r1nest.keys import ADMIN_PREFIX, digests_equal, hash_key, new_key, parse_key_id
 from r1nest.ledger import rules
 from r1nest.ledger.base import KeyRecord, Store
 from r1nest.settings import Settings
 
-ADMIN_KEY_FILE = "admin_key"
-_MAX_ADMIN_KEY_FILE_BYTES = 1024
+log = logging.getLogger("r1nest.accounts")
 
 
 async def create_api_key(
@@ -55,6 +55,25 @@ async def authenticate(store: Store, plaintext: str, *, now: float) -> KeyRecord
     return record if record.usable(now) else None
 
 
+async def ensure_demo_key(store: Store, data_dir: Path, *, credits: int, now: float) -> tuple[str, bool]:
+    """(plaintext, created): the deployment's demo key, kept in the data dir's ApiKey file and
+    created with `credits` on the first run.
+
+    A key file whose key this ledger does not know (a new ledger) is replaced; a key that was
+    revoked or has expired is kept: that was someone's decision.
+    """
+    path = Path(data_dir) / API_KEY_FILE
+    existing = read_key_file(path)
+    if existing is not None:
+        key_id = parse_key_id(existing)
+        if key_id is not None and await store.get_key(key_id) is not None:
+            return existing, False
+        log.warning("%s holds a key this ledger does not know: creating a new demo key", path)
+    _, plaintext = await create_api_key(store, name="demo", credits=credits, now=now)
+    write_key_file(path, plaintext)
+    return plaintext, True
+
+
 def ensure_admin_key(settings: Settings) -> str:
     """The admin key: `settings.admin_key` when set, else the one stored in the data dir,
     generated there (0600) the first time. Safe when two processes start at once."""
@@ -63,15 +82,11 @@ def ensure_admin_key(settings: Settings) -> str:
         if not value:
             raise ConfigError("admin_key is set but empty")
         return value
-    data_dir = Path(settings.data_dir)
-    path = data_dir / ADMIN_KEY_FILE
-    try:
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not path.exists():
-            _write_new_admin_key(path)
-        return _read_admin_key(path)
-    except OSError as exc:
-        raise ConfigError(f"cannot read or create the admin key in {data_dir}: {exc.strerror}") from None
+    stored = read_admin_key_file(settings.data_dir)
+    if stored is not None:
+        return stored
+    _, plaintext = new_key(ADMIN_PREFIX)
+    return create_admin_key_file(settings.data_dir, plaintext)
 
 
 def read_admin_key(settings: Settings) -> str | None:
@@ -79,40 +94,7 @@ def read_admin_key(settings: Settings) -> str | None:
     such as `r1nest keys --url`, which must not invent a key the gateway does not know)."""
     if settings.admin_key is not None:
         return settings.admin_key.get_secret_value().strip() or None
-    path = Path(settings.data_dir) / ADMIN_KEY_FILE
-    try:
-        return _read_admin_key(path) if path.exists() else None
-    except OSError:
-        return None
-
-
-def _write_new_admin_key(path: Path) -> None:
-    # Written whole into a private temporary file, then linked into place: a reader never sees
-    # a half-written key, and when two processes race, the first link wins and both read it.
-    _, plaintext = new_key(ADMIN_PREFIX)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(plaintext + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _read_admin_key(path: Path) -> str:
-    if path.stat().st_mode & 0o077:
-        os.chmod(path, 0o600)  # never leave the admin key readable by others
-    with open(path, encoding="ascii") as handle:
-        value = handle.read(_MAX_ADMIN_KEY_FILE_BYTES).strip()
-    if not value:
-        raise ConfigError(f"{path} is empty; delete it to generate a new admin key")
-    return value
+    return read_admin_key_file(settings.data_dir)
 
 
 def key_json(record: KeyRecord) -> dict[str, Any]:

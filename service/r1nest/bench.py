@@ -354,6 +354,7 @@ def bench(url: str, key: str | None, concurrency: int, prompt_tokens: int, max_t
     progress = Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[errors]} errors"), transient=True)
     total = requests if requests is not None else duration_s
+    assert total is not None  # one of the two is set above
     errors = [0]
 
     with progress:

@@ -27,7 +27,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from r1nest.errors import ConfigError
 
@@ -390,7 +390,7 @@ def local_model(path: str | Path) -> ModelSpec:
 
 
 def spec_from_config(
-    config: dict, *, model_id: str, location: str, weight_bytes: int
+    config: dict[str, Any], *, model_id: str, location: str, weight_bytes: int
 ) -> ModelSpec:
     """Pure part of local_model(): a Hugging Face config dict -> ModelSpec."""
     model_type = str(config.get("model_type", ""))
@@ -400,28 +400,13 @@ def spec_from_config(
             f"unsupported model_type {model_type!r} in {location}; "
             f"supported: {', '.join(_ARCHITECTURES)}"
         )
-
-    def need_int(key: str, default: int | None = None) -> int:
-        value = config.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{location}/config.json: {key} must be a non-negative integer")
-        return value
-
-    quant = config.get("quantization_config") or {}
-    if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
-        weight_dtype: WeightDtype = "fp8"
-    else:
-        torch_dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-        weight_dtype = _TORCH_DTYPES.get(torch_dtype, "bf16")
-
-    layers = need_int("num_hidden_layers")
-    heads = need_int("num_attention_heads")
-    hidden = need_int("hidden_size")
-    context = need_int("max_position_embeddings", 4096)
-    dtype_bytes = DTYPE_BYTES[weight_dtype]
-    params = weight_bytes // dtype_bytes if weight_bytes else 0
-
-    common = dict(
+    weight_dtype = _weight_dtype(config)
+    layers = _config_int(config, location, "num_hidden_layers")
+    heads = _config_int(config, location, "num_attention_heads")
+    hidden = _config_int(config, location, "hidden_size")
+    context = _config_int(config, location, "max_position_embeddings", 4096)
+    params = weight_bytes // DTYPE_BYTES[weight_dtype] if weight_bytes else 0
+    common: dict[str, Any] = dict(
         id=model_id,
         hf_repo=location,
         architecture=architecture,
@@ -437,29 +422,53 @@ def spec_from_config(
         sources=(f"{location}/config.json",),
     )
     if architecture == "deepseek_v3":
-        routed = need_int("n_routed_experts", 0)
-        per_token = need_int("num_experts_per_tok", 0)
-        active = params
-        if routed:
-            active = max(1, params * per_token // routed) if params else 0
-        return ModelSpec(
-            params_active=active,
-            kv_lora_rank=need_int("kv_lora_rank"),
-            qk_rope_head_dim=need_int("qk_rope_head_dim"),
-            n_routed_experts=routed,
-            experts_per_token=per_token,
-            expert_weight_fraction=0.9 if routed else 0.0,
-            mtp_layers=need_int("num_nextn_predict_layers", 0),
-            notes="local DeepSeek-V3-architecture checkpoint (MLA + MoE)",
-            **common,  # type: ignore[arg-type]
-        )
-    kv_heads = need_int("num_key_value_heads", heads)
+        return ModelSpec(**_mla_moe_fields(config, location, params), **common)
+    return ModelSpec(**_dense_fields(config, location, params, heads, hidden, architecture), **common)
+
+
+def _config_int(config: dict[str, Any], location: str, key: str, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{location}/config.json: {key} must be a non-negative integer")
+    return value
+
+
+def _weight_dtype(config: dict[str, Any]) -> WeightDtype:
+    """FP8 for a checkpoint quantized by the fp8 method, else its torch dtype (default bf16)."""
+    quant = config.get("quantization_config") or {}
+    if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
+        return "fp8"
+    torch_dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    return _TORCH_DTYPES.get(torch_dtype, "bf16")
+
+
+def _mla_moe_fields(config: dict[str, Any], location: str, params: int) -> dict[str, Any]:
+    """A DeepSeek-V3-architecture checkpoint: MLA's latent sizes, the routed experts, MTP layers."""
+    routed = _config_int(config, location, "n_routed_experts", 0)
+    per_token = _config_int(config, location, "num_experts_per_tok", 0)
+    active = params
+    if routed:
+        active = max(1, params * per_token // routed) if params else 0
+    return dict(
+        params_active=active,
+        kv_lora_rank=_config_int(config, location, "kv_lora_rank"),
+        qk_rope_head_dim=_config_int(config, location, "qk_rope_head_dim"),
+        n_routed_experts=routed,
+        experts_per_token=per_token,
+        expert_weight_fraction=0.9 if routed else 0.0,
+        mtp_layers=_config_int(config, location, "num_nextn_predict_layers", 0),
+        notes="local DeepSeek-V3-architecture checkpoint (MLA + MoE)",
+    )
+
+
+def _dense_fields(config: dict[str, Any], location: str, params: int, heads: int, hidden: int,
+                  architecture: Architecture) -> dict[str, Any]:
+    """A dense checkpoint with grouped-query attention: its KV heads and head size."""
     head_dim = config.get("head_dim") or (hidden // heads if heads else 0)
-    return ModelSpec(
+    return dict(
         params_active=params,
-        num_kv_heads=kv_heads,
+        num_kv_heads=_config_int(config, location, "num_key_value_heads", heads),
         head_dim=int(head_dim),
         notes=f"local {architecture} checkpoint (dense, GQA)",
-        **common,  # type: ignore[arg-type]
     )
 

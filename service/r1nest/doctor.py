@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal
 import click
 
 from r1nest.catalog import COMMIT_RE, ModelSpec, resolve_model
-from r1nest.engines.base import Fabric, flag_value
+from r1nest.engines.base import EngineName, Fabric, flag_value
 from r1nest.errors import PlanError
 from r1nest.gpu_probe import (
     FP8_CHECK_MAX_REL_ERROR,
@@ -565,7 +565,7 @@ def _plan_summary(plan: dict[str, Any]) -> str:
 # --- the planner adapter -------------------------------------------------------------------------
 
 
-def plan_for_box(model: ModelSpec, *, engine: str, nodes: int, hardware_class: str,
+def plan_for_box(model: ModelSpec, *, engine: EngineName, nodes: int, hardware_class: HardwareClass,
                  gpus: tuple[GpuFacts, ...], fabric: Fabric = "unknown") -> Any:
     """Ask the planner what it would run on the detected box (cloud "local")."""
     from r1nest import planner

@@ -20,7 +20,10 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 # The FP8 GEMM that proves the tensor cores work: an M x K by K x N product, timed.
 FP8_GEMM_SIZE = 8192  # M = N = K; 2 * 8192^3 = 1.1 TFLOP per call, ~1.5 ms on an H100
@@ -194,7 +197,7 @@ class TorchGpuProbe:
         }
 
 
-def fp8_gemm(device: object, *, size: int = FP8_GEMM_SIZE, calls: int = FP8_GEMM_TIMED_CALLS) -> Fp8GemmResult:
+def fp8_gemm(device: torch.device | str, *, size: int = FP8_GEMM_SIZE, calls: int = FP8_GEMM_TIMED_CALLS) -> Fp8GemmResult:
     """Run `torch._scaled_mm` on FP8 e4m3 inputs on `device`: correctness first, then TFLOP/s."""
     import time
 
@@ -203,7 +206,7 @@ def fp8_gemm(device: object, *, size: int = FP8_GEMM_SIZE, calls: int = FP8_GEMM
     if not hasattr(torch, "float8_e4m3fn") or not hasattr(torch, "_scaled_mm"):
         return Fp8GemmResult(ran=False, error=f"torch {torch.__version__} has no FP8 matmul")
     try:
-        device = torch.device(device)  # type: ignore[call-overload]
+        device = torch.device(device)
     except RuntimeError as exc:
         return Fp8GemmResult(ran=False, error=_first_line(str(exc)))
     on_gpu = device.type == "cuda"
@@ -215,7 +218,7 @@ def fp8_gemm(device: object, *, size: int = FP8_GEMM_SIZE, calls: int = FP8_GEMM
             torch.cuda.synchronize(device)
 
     try:
-        rel_error = _fp8_check(torch, device, fp8)
+        rel_error = _fp8_check(device, fp8)
         a = torch.randn(size, size, device=device).to(fp8)
         b = torch.randn(size, size, device=device).to(fp8).t()  # column-major, as _scaled_mm requires
         one = torch.tensor(1.0, device=device)
@@ -236,7 +239,9 @@ def fp8_gemm(device: object, *, size: int = FP8_GEMM_SIZE, calls: int = FP8_GEMM
     return Fp8GemmResult(ran=True, tflops=float(f"{tflops:.4g}"), max_rel_error=round(rel_error, 4))
 
 
-def _fp8_check(torch, device, fp8) -> float:  # type: ignore[no-untyped-def]
+def _fp8_check(device: torch.device, fp8: torch.dtype) -> float:
+    import torch
+
     size = FP8_CHECK_SIZE
     a = torch.randn(size, size, device=device).to(fp8)
     b = torch.randn(size, size, device=device).to(fp8).t()

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import click
@@ -340,7 +340,13 @@ CONCURRENCY = click.IntRange(1, MAX_CONCURRENCY_LIMIT)
 RPM = click.IntRange(1, MAX_RATE_LIMIT_RPM)
 
 
-class LimitOrNone(click.ParamType):
+if TYPE_CHECKING:  # click is generic in its converted type from 8.4; at run time any 8.x will do
+    _LimitParamType = click.ParamType[int | str]
+else:
+    _LimitParamType = click.ParamType
+
+
+class LimitOrNone(_LimitParamType):
     """A per-key limit: a whole number in range, or `none` (no override: the deployment default)."""
 
     name = "N|none"
@@ -348,7 +354,7 @@ class LimitOrNone(click.ParamType):
     def __init__(self, maximum: int) -> None:
         self._range = click.IntRange(1, maximum)
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
         if value is CLEARED or (isinstance(value, str) and value.strip().lower() == "none"):
             return CLEARED
         return self._range.convert(value, param, ctx)

@@ -41,6 +41,7 @@ from r1nest.hardware import (
     get_instance_type,
     parse_gpu_string,
 )
+from r1nest.ports import ENGINE_PORT
 
 Cloud = Literal["aws", "modal", "local"]
 CLOUDS: tuple[Cloud, ...] = ("aws", "modal", "local")
@@ -103,7 +104,7 @@ class Plan:
         return f"{self.nodes} x {where} ({per_node})" if self.nodes > 1 else f"{where} ({per_node})"
 
     def to_json(self) -> dict[str, Any]:
-        argv = engine_argv(self.profile, host="127.0.0.1", port=8100,
+        argv = engine_argv(self.profile, host="127.0.0.1", port=ENGINE_PORT,
                            head_address="HEAD_PRIVATE_IP" if self.nodes > 1 else None,
                            python="python3", secrets_dir="$R1NEST_SECRETS_DIR")
         return {
@@ -159,7 +160,7 @@ def _options(
     cloud: Cloud, model: ModelSpec, *, instance_type: str | None, nodes: int | None,
     local_gpus: str | None,
 ) -> list[_Option]:
-    node_counts = [nodes] if nodes else ([1, 2] if model.is_moe else [1])
+    node_counts = [nodes] if nodes else (list(range(1, MAX_NODES + 1)) if model.is_moe else [1])
     out: list[_Option] = []
     if cloud == "aws":
         types = [get_instance_type(instance_type)] if instance_type else list(AWS_INSTANCE_TYPES.values())
@@ -306,29 +307,9 @@ def plan(
     spec = resolve_model(model)
     if gpu is not None and local_gpus is None:
         local_gpus = f"{gpu}:{gpu_count or 1}"
-    if cloud not in CLOUDS:
-        raise ConfigError(f"unknown cloud {cloud!r}; choose one of {', '.join(CLOUDS)}")
-    if engine not in ("vllm", "sglang"):
-        raise ConfigError(f"unknown engine {engine!r}; choose vllm or sglang")
-    if hardware_class is not None and hardware_class not in HARDWARE_CLASSES:
-        raise ConfigError(f"unknown hardware class {hardware_class!r}; one of {', '.join(HARDWARE_CLASSES)}")
-    if not 1 <= concurrency <= MAX_CONCURRENCY:
-        raise ConfigError(f"concurrency must be 1..{MAX_CONCURRENCY}")
-    if nodes is not None and not 1 <= nodes <= MAX_NODES:
-        raise ConfigError(f"nodes must be 1..{MAX_NODES}")
-    if mode is not None and mode not in ("latency", "throughput"):
-        raise ConfigError("mode must be latency or throughput")
-    if fabric is not None and fabric not in FABRICS:
-        raise ConfigError(f"unknown fabric {fabric!r}; one of {', '.join(FABRICS)}")
-    if cloud in CLOUD_FABRIC and fabric not in (None, CLOUD_FABRIC[cloud]):
-        raise ConfigError(f"{cloud} nodes talk over {CLOUD_FABRIC[cloud]}, not {fabric}")
-    net: Fabric = CLOUD_FABRIC.get(cloud) or fabric or "unknown"
-    ctx = spec.default_context if context is None else context
-    if not 1 <= ctx <= spec.native_context:
-        raise PlanError(
-            f"context {ctx:,} is outside 1..{spec.native_context:,}, {spec.id}'s native context.",
-            [f"--context {min(spec.default_context, spec.native_context)}"],
-        )
+    net = _check_request(cloud, engine, hardware_class=hardware_class, concurrency=concurrency, nodes=nodes,
+                         mode=mode, fabric=fabric)
+    ctx = _context(spec, context)
 
     if cloud == "local" and hardware_class in (None, "cpu") and not local_gpus:
         return _cpu_plan(spec, engine, ctx, concurrency, context_given=context is not None)
@@ -347,31 +328,71 @@ def plan(
         for o in options
         for layout in _layouts(spec, o, engine, mode)
     ]
-    good = [f for f in fits if not f.reason]
-    enough = [f for f in good if f.max_concurrency >= concurrency]
+    enough = [f for f in fits if not f.reason and f.max_concurrency >= concurrency]
     if enough:
-        # on-demand first, then cheapest; at equal price fewer nodes and GPUs, then the latency
-        # layout (TP + MTP)
-        best = min(enough, key=lambda f: (not f.option.on_demand, f.option.price_microusd_per_hour,
-                                          f.option.nodes,
-                                          f.option.gpus_per_node, f.layout.mode != "latency",
-                                          -f.max_concurrency))
-        return _make_plan(spec, cloud, engine, best, ctx, concurrency, net)
-
+        return _make_plan(spec, cloud, engine, min(enough, key=_preference), ctx, concurrency, net)
     constrained = bool(instance_type or nodes or hardware_class)
+    raise PlanError(_why_nothing_fits(spec, cloud, ctx, concurrency, fits, constrained=constrained),
+                    _alternatives(spec, cloud, engine, ctx, concurrency, mode, exclude=fits))
+
+
+def _check_request(
+    cloud: Cloud, engine: EngineName, *, hardware_class: HardwareClass | None, concurrency: int,
+    nodes: int | None, mode: Mode | None, fabric: Fabric | None,
+) -> Fabric:
+    """ConfigError for a value outside what the planner knows; the fabric between the nodes."""
+    if cloud not in CLOUDS:
+        raise ConfigError(f"unknown cloud {cloud!r}; choose one of {', '.join(CLOUDS)}")
+    if engine not in ("vllm", "sglang"):
+        raise ConfigError(f"unknown engine {engine!r}; choose vllm or sglang")
+    if hardware_class is not None and hardware_class not in HARDWARE_CLASSES:
+        raise ConfigError(f"unknown hardware class {hardware_class!r}; one of {', '.join(HARDWARE_CLASSES)}")
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise ConfigError(f"concurrency must be 1..{MAX_CONCURRENCY}")
+    if nodes is not None and not 1 <= nodes <= MAX_NODES:
+        raise ConfigError(f"nodes must be 1..{MAX_NODES}")
+    if mode is not None and mode not in ("latency", "throughput"):
+        raise ConfigError("mode must be latency or throughput")
+    if fabric is not None and fabric not in FABRICS:
+        raise ConfigError(f"unknown fabric {fabric!r}; one of {', '.join(FABRICS)}")
+    if cloud in CLOUD_FABRIC and fabric not in (None, CLOUD_FABRIC[cloud]):
+        raise ConfigError(f"{cloud} nodes talk over {CLOUD_FABRIC[cloud]}, not {fabric}")
+    return CLOUD_FABRIC.get(cloud) or fabric or "unknown"
+
+
+def _context(spec: ModelSpec, context: int | None) -> int:
+    """The context asked for (default: the catalog's), within the model's native context."""
+    ctx = spec.default_context if context is None else context
+    if not 1 <= ctx <= spec.native_context:
+        raise PlanError(
+            f"context {ctx:,} is outside 1..{spec.native_context:,}, {spec.id}'s native context.",
+            [f"--context {min(spec.default_context, spec.native_context)}"],
+        )
+    return ctx
+
+
+def _preference(fit: _Fit) -> tuple[Any, ...]:
+    """On-demand first, then cheapest; at equal price fewer nodes and GPUs, then the latency
+    layout (TP + MTP), then more concurrency."""
+    return (not fit.option.on_demand, fit.option.price_microusd_per_hour, fit.option.nodes,
+            fit.option.gpus_per_node, fit.layout.mode != "latency", -fit.max_concurrency)
+
+
+def _why_nothing_fits(spec: ModelSpec, cloud: Cloud, ctx: int, concurrency: int, fits: list[_Fit], *,
+                      constrained: bool) -> str:
+    """PlanError's reason: the best concurrency that did fit, or why each layout did not."""
+    good = [f for f in fits if not f.reason]
     if good:
         top = max(good, key=lambda f: f.max_concurrency)
-        reason = (f"{spec.id} at {ctx:,} tokens of context allows at most {top.max_concurrency} "
-                  f"concurrent sequences on {top.option.label}, fewer than the {concurrency} asked for.")
-    else:
-        reasons = sorted({f"{f.option.label} {_layout_label(f.layout)}: {f.reason}" for f in fits})
-        if not reasons:
-            reasons = [f"no layout of the GPUs asked for divides {spec.id}'s "
-                       f"{spec.num_attention_heads} attention heads evenly"]
-        reason = (f"{spec.id} ({spec.weight_bytes / 1e12:.2f} TB of {spec.weight_dtype.upper()} "
-                  f"weights) does not fit " + ("the hardware asked for" if constrained else f"any {cloud} option")
-                  + ". " + "; ".join(reasons[:4]) + ".")
-    raise PlanError(reason, _alternatives(spec, cloud, engine, ctx, concurrency, mode, exclude=fits))
+        return (f"{spec.id} at {ctx:,} tokens of context allows at most {top.max_concurrency} "
+                f"concurrent sequences on {top.option.label}, fewer than the {concurrency} asked for.")
+    reasons = sorted({f"{f.option.label} {_layout_label(f.layout)}: {f.reason}" for f in fits})
+    if not reasons:
+        reasons = [f"no layout of the GPUs asked for divides {spec.id}'s "
+                   f"{spec.num_attention_heads} attention heads evenly"]
+    return (f"{spec.id} ({spec.weight_bytes / 1e12:.2f} TB of {spec.weight_dtype.upper()} "
+            f"weights) does not fit " + ("the hardware asked for" if constrained else f"any {cloud} option")
+            + ". " + "; ".join(reasons[:4]) + ".")
 
 
 def _layout_label(layout: _Layout) -> str:

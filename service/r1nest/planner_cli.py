@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shlex
+from typing import Any
 
 import click
 
-from r1nest.hardware import HARDWARE_CLASSES, format_usd_per_hour
-from r1nest.planner import MAX_NODES
+from r1nest.engines.base import EngineName, Mode
+from r1nest.hardware import HARDWARE_CLASSES, HardwareClass, format_usd_per_hour
+from r1nest.planner import MAX_NODES, Cloud
 
 
 @click.command("plan")
@@ -28,18 +30,18 @@ from r1nest.planner import MAX_NODES
 @click.option("--gpus", "local_gpus", default=None, help="Local GPUs for --cloud local, e.g. H100:8.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(
-    model_id: str, cloud: str, context: int | None, concurrency: int, engine: str,
-    instance_type: str | None, nodes: int | None, hardware_class: str | None, mode: str | None,
+    model_id: str, cloud: Cloud, context: int | None, concurrency: int, engine: EngineName,
+    instance_type: str | None, nodes: int | None, hardware_class: HardwareClass | None, mode: Mode | None,
     local_gpus: str | None, as_json: bool,
 ) -> None:
     """Pick hardware and the engine launch for a model, or say why nothing fits."""
     from r1nest.planner import plan as make_plan
 
     result = make_plan(
-        model_id, cloud,  # type: ignore[arg-type]
-        context=context, concurrency=concurrency, engine=engine,  # type: ignore[arg-type]
-        instance_type=instance_type, nodes=nodes, hardware_class=hardware_class,  # type: ignore[arg-type]
-        mode=mode, local_gpus=local_gpus,  # type: ignore[arg-type]
+        model_id, cloud,
+        context=context, concurrency=concurrency, engine=engine,
+        instance_type=instance_type, nodes=nodes, hardware_class=hardware_class,
+        mode=mode, local_gpus=local_gpus,
     )
     data = result.to_json()
     if as_json:
@@ -48,7 +50,7 @@ def plan(
     _print_table(data)
 
 
-def _print_table(data: dict) -> None:
+def _print_table(data: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -80,7 +82,7 @@ def _print_table(data: dict) -> None:
     Console(width=120, soft_wrap=False).print(table)
 
 
-def _hardware(data: dict) -> str:
+def _hardware(data: dict[str, Any]) -> str:
     if data["gpu"] is None:
         return "CPU (vLLM CPU build)"
     where = data["instance_type"] or data["modal_gpu"] or "local"

@@ -358,7 +358,8 @@ def planted_path(tokenizer: Any) -> list[int]:
     and `\\n\\n` again: the answer then repeats, one paragraph after another."""
 
     def ids(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False).ids
+        encoded: list[int] = tokenizer.encode(text, add_special_tokens=False).ids
+        return encoded
 
     paragraph_break = ids("\n\n")
     return ids("\n") + ids(SCRIPT_REASONING) + [tokenizer.token_to_id(THINK_END)] + paragraph_break + ids(SCRIPT_CONTENT) + paragraph_break

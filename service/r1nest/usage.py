@@ -17,6 +17,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from r1nest.errors import BadRequest
 from r1nest.ledger.base import UsageBucket
@@ -148,7 +149,7 @@ def iso(seconds: float) -> str:
     return _iso(seconds)
 
 
-def usage_json(window: Window, buckets: list[UsageBucket], *, key_id: str | None) -> dict:
+def usage_json(window: Window, buckets: list[UsageBucket], *, key_id: str | None) -> dict[str, Any]:
     """The answer of /admin/usage, /v1/usage and `r1nest usage --json`."""
     return {
         "object": "usage",

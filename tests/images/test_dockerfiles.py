@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import click
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,7 +125,8 @@ def _image_env(path: Path) -> dict[str, str]:
 def test_entrypoint_is_serve_and_starts_the_planned_engine_for_the_default_model(
     engine: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from r1nest.serve import plan_launch, serve
+    from r1nest.launch import plan_launch
+    from r1nest.serve import serve
     from r1nest.settings import load_settings
 
     entrypoint = json.loads(one(IMAGES[engine], "ENTRYPOINT"))

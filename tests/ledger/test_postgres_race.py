@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 from r1nest.errors import ReservationClosed
-from r1nest.ledger import open_and_sweep
+from r1nest.ledger import open_store
 from r1nest.ledger.postgres import PostgresStore
 from r1nest.settings import Settings
 
@@ -225,7 +225,7 @@ async def test_kill_between_reserve_and_settle_then_sweep_restores_the_balance(p
 
 async def test_kill_in_the_middle_of_busy_traffic_leaves_a_consistent_ledger(postgres_url: str) -> None:
     """SIGKILL while 16 request loops reserve and settle; the next start's sweep
-    (open_and_sweep, as the gateway's startup) returns everything that was open."""
+    (open_store, then sweep_expired, as the gateway's startup) returns everything that was open."""
     initial = 10**9
     store = await new_store(postgres_url, initial)
     child = subprocess.Popen(
@@ -259,7 +259,8 @@ async def test_kill_in_the_middle_of_busy_traffic_leaves_a_consistent_ledger(pos
         pending = await conn.fetchval("SELECT count(*) FROM reservations WHERE state = 'pending'")
         assert pending > 0  # killed with requests in flight (at least the long stream)
         settings = Settings(store="postgres", database_url=postgres_url)
-        swept = await open_and_sweep(settings, now=T0 + 61)
+        swept = open_store(settings)
+        await swept.sweep_expired(now=T0 + 61)
         assert isinstance(swept, PostgresStore)
         balance = await swept.balance(KEY_ID)
         await assert_consistent(swept, balance)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from r1nest.errors import InvalidLedgerArgument, ReservationClosed, StoreError, StoreUnavailable
-from r1nest.ledger import open_and_sweep, open_store
+from r1nest.ledger import open_store
 from r1nest.ledger.sqlite import SYNC_FULL, SYNC_NORMAL, SqliteStore, sync_level
 from r1nest.settings import Settings
 
@@ -335,7 +335,8 @@ async def test_kill_in_the_middle_of_busy_traffic_leaves_a_consistent_ledger(tmp
         pending = db.execute("SELECT COUNT(*) FROM reservations WHERE state = 'pending'").fetchone()[0]
     assert pending > 0  # killed with requests in flight (at least the long stream)
 
-    store = await open_and_sweep(Settings(data_dir=tmp_path, store="sqlite"), now=T0 + 61)
+    store = open_store(Settings(data_dir=tmp_path, store="sqlite"))
+    await store.sweep_expired(now=T0 + 61)  # as the gateway's startup
     assert store.path == path  # open_store follows the settings
     balance = await store.balance(KEY_ID)
     await assert_consistent(store, balance)
@@ -353,7 +354,8 @@ async def test_startup_sweep_leaves_reservations_before_their_deadline(tmp_path:
     store = await new_store(path, credits=100)
     reservation = await store.reserve(KEY_ID, 100, ttl_s=60, now=T0)
     await store.close()
-    store = await open_and_sweep(Settings(data_dir=tmp_path), now=T0 + 1)
+    store = open_store(Settings(data_dir=tmp_path))
+    await store.sweep_expired(now=T0 + 1)
     await assert_consistent(store, 0)
     assert await store.settle(reservation.reservation_id, 30, now=T0 + 2) == 70
     await store.close()

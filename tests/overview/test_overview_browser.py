@@ -8,7 +8,7 @@ from starlette.applications import Starlette
 
 from r1nest.overview.context import Readiness, mask_key
 from r1nest.overview.render import render_overview
-from r1nest.overview.web import overview_routes
+from r1nest.control.overview import overview_routes
 
 from .browser import LAPTOP, PHONE, launched_browser, screenshot, screenshot_of
 from r1nest.testing.asgi_server import ServedApp
@@ -286,7 +286,7 @@ def test_gateway_page_charts_the_keys_real_usage(browser, tmp_path):
     from r1nest.gateway.upstream import UpstreamConfig
     from r1nest.ledger.base import Usage
     from r1nest.ledger.sqlite import SqliteStore
-    from r1nest.overview.sources import API_KEY_FILE, write_key_file
+    from r1nest.files import API_KEY_FILE, write_key_file
     from r1nest.settings import Settings
 
     settings = Settings(data_dir=tmp_path, admin_key=ADMIN_KEY, served_model="deepseek-r1")

@@ -22,10 +22,10 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
+from r1nest import files
 from r1nest.gateway.app import create_app
 from r1nest.gateway.upstream import UpstreamConfig
 from r1nest.ledger.sqlite import SqliteStore
-from r1nest.overview import sources
 from r1nest.overview.cli import overview
 from r1nest.paths import REPO_ROOT
 from r1nest.settings import Settings
@@ -68,7 +68,7 @@ def deployment(tmp_path_factory):
                                   headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
             assert response.status_code == 201, response.text
             key = response.json()["key"]
-            sources.write_key_file(data_dir / sources.API_KEY_FILE, key)  # the deployment's ApiKey
+            files.write_key_file(data_dir / files.API_KEY_FILE, key)  # the deployment's ApiKey
             yield Deployment(served.url, key, data_dir, engine)
         served_store_close = getattr(store, "close", None)
         if served_store_close is not None:
@@ -196,7 +196,7 @@ def test_page_examples_fail_when_the_key_is_wrong(deployment, tmp_path):
     """The runner can fail: the same examples with a revoked-looking key get 401, not output."""
     out = tmp_path / "overview.html"
     key_file = tmp_path / "other.key"
-    sources.write_key_file(key_file, "r1n-000000000000-" + "x" * 43)
+    files.write_key_file(key_file, "r1n-000000000000-" + "x" * 43)
     result = CliRunner().invoke(overview, ["--from", "local", "--data-dir", str(deployment.data_dir), "--out",
                                            str(out), "--no-probe", "--key-file", str(key_file)],
                                 env={"R1NEST_PUBLIC_URL": deployment.url, "R1NEST_SERVED_MODEL": MODEL})

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from r1nest import files
 from r1nest.errors import ConfigError
 from r1nest.ledger.memory import MemoryStore
 from r1nest.overview import sources
@@ -87,7 +88,7 @@ def test_stack_json_file_errors_are_clear(tmp_path):
 def test_modal_context_from_the_deployed_app_and_key_file(tmp_path):
     key = make_context().api_key
     key_file = tmp_path / "modal.api_key"
-    sources.write_key_file(key_file, key)
+    files.write_key_file(key_file, key)
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
     seen = []
 
@@ -114,7 +115,7 @@ def test_local_context_from_the_data_dir(tmp_path):
     assert ctx.internal_endpoint is None and "R1NEST_INTERNAL_URL" in ctx.internal_endpoint_note
     assert ctx.api_key is None and ctx.model == "tiny-r1"
     key = make_context().api_key
-    sources.write_key_file(tmp_path / sources.API_KEY_FILE, key)
+    files.write_key_file(tmp_path / files.API_KEY_FILE, key)
     settings = Settings(data_dir=tmp_path, public_url="https://r1.example.com", internal_url="http://10.0.0.5:8000")
     ctx = sources.from_local(settings)
     assert ctx.api_key == key and ctx.internal_endpoint == "http://10.0.0.5:8000/v1"
@@ -124,7 +125,7 @@ def test_local_context_from_the_data_dir(tmp_path):
 def test_local_context_follows_serve_json(tmp_path):
     state = {"pid": 1, "gateway_url": "http://127.0.0.1:8011", "engine_url": "http://127.0.0.1:8100",
              "engine": "sglang", "served_model": "tiny-deepseek-v3", "model": ".r1nest/models/tiny-deepseek-v3"}
-    (tmp_path / sources.SERVE_STATE_FILE).write_text(json.dumps(state))
+    (tmp_path / files.SERVE_STATE_FILE).write_text(json.dumps(state))
     ctx = sources.from_local(Settings(data_dir=tmp_path))
     assert ctx.public_endpoint == "http://127.0.0.1:8011/v1"
     assert ctx.engine == "sglang" and ctx.model == "tiny-deepseek-v3"
@@ -132,7 +133,7 @@ def test_local_context_follows_serve_json(tmp_path):
     assert "8100" not in ctx.public_endpoint, "the engine's own port is never shown"
     ctx = sources.from_local(Settings(data_dir=tmp_path, public_url="https://r1.example.com"))
     assert ctx.public_endpoint == "https://r1.example.com/v1"
-    (tmp_path / sources.SERVE_STATE_FILE).write_text("{broken")
+    (tmp_path / files.SERVE_STATE_FILE).write_text("{broken")
     with pytest.raises(ConfigError, match="serve.json"):
         sources.from_local(Settings(data_dir=tmp_path))
 
@@ -142,7 +143,7 @@ async def test_gateway_context_reads_the_key_balance_from_the_store(tmp_path):
 
     store = MemoryStore()
     _, key = await create_api_key(store, name="demo", credits=4321, now=1.0)
-    sources.write_key_file(tmp_path / sources.API_KEY_FILE, key)
+    files.write_key_file(tmp_path / files.API_KEY_FILE, key)
     settings = Settings(data_dir=tmp_path)
     ctx = await sources.gateway_context(settings=settings, store=store, served_model="m", phase="warming", eta_s=30.0)
     assert ctx.api_key == key and ctx.remaining_credits == 4321
@@ -250,7 +251,7 @@ async def test_gateway_context_reads_the_keys_usage_from_the_store(tmp_path):
             await store.settle(reservation.reservation_id, charged, now=at, usage=usage)
         voided = await store.reserve(page_key.key_id, 1000, ttl_s=600, now=now - 60)
         await store.void(voided.reservation_id, now=now - 30)
-        sources.write_key_file(tmp_path / sources.API_KEY_FILE, key)
+        files.write_key_file(tmp_path / files.API_KEY_FILE, key)
         ctx = await sources.gateway_context(settings=Settings(data_dir=tmp_path), store=store, served_model="m",
                                             phase="ready", eta_s=None, now=now)
     finally:
@@ -273,7 +274,7 @@ async def test_gateway_context_without_usage_says_why(tmp_path):
 
     store = MemoryStore()
     _, stranger = new_key()  # a key file whose key is not in this ledger
-    sources.write_key_file(tmp_path / sources.API_KEY_FILE, stranger)
+    files.write_key_file(tmp_path / files.API_KEY_FILE, stranger)
     ctx = await sources.gateway_context(settings=Settings(data_dir=tmp_path), store=store, served_model="m",
                                         phase="ready", eta_s=None)
     assert not ctx.usage.available and ctx.usage.note == sources.GATEWAY_NO_KEY_NOTE
@@ -284,7 +285,7 @@ async def test_gateway_context_without_usage_says_why(tmp_path):
 
     down = LedgerDown()
     _, key = await create_api_key(down, name="demo", credits=5, now=1.0)
-    sources.write_key_file(tmp_path / sources.API_KEY_FILE, key)
+    files.write_key_file(tmp_path / files.API_KEY_FILE, key)
     ctx = await sources.gateway_context(settings=Settings(data_dir=tmp_path), store=down, served_model="m",
                                         phase="ready", eta_s=None)
     assert ctx.remaining_credits == 5 and not ctx.usage.available

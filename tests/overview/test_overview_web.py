@@ -8,7 +8,8 @@ import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from r1nest.overview.web import COOKIE_NAME, CSP, LOGIN_FAILURES_PER_CLIENT, overview_routes
+from r1nest.control.overview import overview_routes
+from r1nest.overview.web import COOKIE_NAME, CSP, LOGIN_FAILURES_PER_CLIENT
 
 from .conftest import ADMIN_KEY, make_context, verify_admin_key
 

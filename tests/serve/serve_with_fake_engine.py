@@ -26,7 +26,9 @@ asyncio.run(engine.serve(host="127.0.0.1", record=False))
 
 def main() -> int:
     from r1nest.engines.base import EngineProfile
-    from r1nest.serve import Display, Launch, serve_async
+    from r1nest.console import Display
+    from r1nest.launch import Launch
+    from r1nest.serve import serve_async
     from r1nest.settings import load_settings
 
     data_dir, port, delay = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]

@@ -211,7 +211,7 @@ def test_vllm_leaves_the_health_probes_out_of_its_access_log(tmp_path: Path) -> 
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from r1nest.engines.base import engine_argv, health_path
-    from r1nest.serve import plan_launch
+    from r1nest.launch import plan_launch
     from r1nest.tinymodel import write_tiny_model
 
     model = write_tiny_model(tmp_path / "tiny-v3", arch="deepseek_v3")

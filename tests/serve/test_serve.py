@@ -15,17 +15,19 @@ from types import SimpleNamespace
 
 import pytest
 
+from r1nest.accounts import ensure_demo_key
+from r1nest.console import client_base_url, curl_command
 from r1nest.errors import ConfigError, PlanError
-from r1nest.serve import (
-    check_port_free,
-    client_base_url,
-    curl_command,
-    ensure_demo_key,
-    plan_launch,
-    read_state,
-    write_state,
-)
+from r1nest.files import read_serve_state
+from r1nest.files import write_serve_state as write_state
+from r1nest.launch import plan_launch
+from r1nest.serve import check_port_free
 from r1nest.tinymodel import TINY_CONTEXT
+
+
+def read_state(data_dir: Path) -> dict | None:
+    """serve.json as `r1nest overview` reads it; None when there is none."""
+    return read_serve_state(data_dir) or None
 
 
 @pytest.fixture(scope="module")

@@ -38,8 +38,9 @@ from r1nest.errors import ConfigError
 from r1nest.planner import MAX_NODES  # one bound for the stack and the planner
 
 NAMESPACE = "r1nest"
-GATEWAY_PORT = 8000  # the only port ever opened (Computing Nest's documented port)
-ENGINE_PORT = 8100  # the engine's own listener: loopback only, never in a security group
+# The load balancer's listeners, with a domain: HTTPS, and plain HTTP only as a redirect to it.
+HTTPS_PORT = 443
+HTTP_PORT = 80
 
 MAX_REPLICAS = 16
 MAX_CIDRS = 50  # a security group holds at most 60 rules by default
@@ -190,62 +191,18 @@ def _domain(values: Mapping[str, str]) -> tuple[str | None, str | None]:
 
 def parse_config(values: Mapping[str, str], *, region: str | None) -> DeploymentArgs:
     """`values`: the `r1nest:*` configuration without the namespace; `region`: `aws:region`."""
-    unknown = sorted(set(values) - set(KNOWN_KEYS))
-    if unknown:
-        lower = {k.lower(): k for k in KNOWN_KEYS}
-        hints = [f"{k} (did you mean {lower[k.lower()]}?)" if k.lower() in lower else k for k in unknown]
-        raise ConfigError(
-            f"unknown configuration key(s) {', '.join(f'{NAMESPACE}:' + h for h in hints)}; "
-            f"known keys: {', '.join(KNOWN_KEYS)}"
-        )
-    if not region or not _REGION_RE.match(region.strip()):
-        raise ConfigError(f"aws:region is not set or not a region name: `pulumi config set aws:region us-east-1`")
-    region = region.strip()
-
-    model = (values.get("model") or "").strip()
-    if not model:
-        raise ConfigError(f"{NAMESPACE}:model is not set: {_set_hint('model', 'deepseek-r1-distill-qwen-7b')} "
-                          "(`r1nest plan --cloud aws --model ID` shows what each model needs)")
-    image = (values.get("image") or "").strip() or None
-    if image is not None and not _IMAGE_RE.match(image):
-        raise ConfigError(f"{NAMESPACE}:image {image!r} is not an image reference")
+    _refuse_unknown_keys(values)
+    region = _region(region)
+    model = _model(values)
+    image = _image(values)
     domain, hosted_zone = _domain(values)
-
-    engine = (values.get("engine") or "vllm").strip().lower()
-    if engine not in ("vllm", "sglang"):
-        raise ConfigError(f"{NAMESPACE}:engine must be vllm or sglang, not {engine!r}")
-
+    engine = _engine(values)
     instance_type = (values.get("instanceType") or "").strip().lower() or None
-    availability_zone = (values.get("availabilityZone") or "").strip() or f"{region}a"
-    if not _AZ_RE.match(availability_zone) or not availability_zone.startswith(region):
-        raise ConfigError(
-            f"{NAMESPACE}:availabilityZone {availability_zone!r} is not a zone of {region} (e.g. {region}a)"
-        )
-
-    vpc_id = (values.get("vpcId") or "").strip() or None
-    subnet_id = (values.get("subnetId") or "").strip() or None
+    availability_zone = _availability_zone(values, region)
     alb_subnet_ids = _list(values, "albSubnetIds")
     replicas = _int(values, "replicas", 1, 1, MAX_REPLICAS)
     assert replicas is not None
-    if (vpc_id is None) != (subnet_id is None):
-        raise ConfigError(
-            f"set both {NAMESPACE}:vpcId and {NAMESPACE}:subnetId to use an existing network, "
-            "or neither to create a new VPC"
-        )
-    if vpc_id is not None and not _VPC_RE.match(vpc_id):
-        raise ConfigError(f"{NAMESPACE}:vpcId {vpc_id!r} is not a VPC id (vpc-...)")
-    for subnet in ((subnet_id,) if subnet_id else ()) + alb_subnet_ids:
-        if not _SUBNET_RE.match(subnet):
-            raise ConfigError(f"{subnet!r} is not a subnet id (subnet-...)")
-    if alb_subnet_ids and vpc_id is None:
-        raise ConfigError(f"{NAMESPACE}:albSubnetIds only applies with {NAMESPACE}:vpcId and subnetId")
-    if vpc_id is not None and (replicas > 1 or domain) and len(alb_subnet_ids) < 2:
-        why = f"{NAMESPACE}:replicas > 1" if replicas > 1 else f"HTTPS ({NAMESPACE}:domain)"
-        raise ConfigError(
-            f"{why} in an existing VPC needs a load balancer in two availability "
-            f"zones: {_set_hint('albSubnetIds', 'subnet-aaaa...,subnet-bbbb...')}"
-        )
-
+    vpc_id, subnet_id = _existing_network(values, alb_subnet_ids, replicas=replicas, https=domain is not None)
     return DeploymentArgs(
         model=model,
         image=image,
@@ -267,3 +224,78 @@ def parse_config(values: Mapping[str, str], *, region: str | None) -> Deployment
         price_completion_per_mtok=_int(values, "priceCompletionPerMtok", 4_000_000, 0, MAX_CREDITS),  # type: ignore[arg-type]
         initial_credits=_int(values, "initialCredits", 1_000_000, 0, MAX_CREDITS),  # type: ignore[arg-type]
     )
+
+
+def _refuse_unknown_keys(values: Mapping[str, str]) -> None:
+    unknown = sorted(set(values) - set(KNOWN_KEYS))
+    if unknown:
+        lower = {k.lower(): k for k in KNOWN_KEYS}
+        hints = [f"{k} (did you mean {lower[k.lower()]}?)" if k.lower() in lower else k for k in unknown]
+        raise ConfigError(
+            f"unknown configuration key(s) {', '.join(f'{NAMESPACE}:' + h for h in hints)}; "
+            f"known keys: {', '.join(KNOWN_KEYS)}"
+        )
+
+
+def _region(region: str | None) -> str:
+    if not region or not _REGION_RE.match(region.strip()):
+        raise ConfigError("aws:region is not set or not a region name: `pulumi config set aws:region us-east-1`")
+    return region.strip()
+
+
+def _model(values: Mapping[str, str]) -> str:
+    model = (values.get("model") or "").strip()
+    if not model:
+        raise ConfigError(f"{NAMESPACE}:model is not set: {_set_hint('model', 'deepseek-r1-distill-qwen-7b')} "
+                          "(`r1nest plan --cloud aws --model ID` shows what each model needs)")
+    return model
+
+
+def _image(values: Mapping[str, str]) -> str | None:
+    image = (values.get("image") or "").strip() or None
+    if image is not None and not _IMAGE_RE.match(image):
+        raise ConfigError(f"{NAMESPACE}:image {image!r} is not an image reference")
+    return image
+
+
+def _engine(values: Mapping[str, str]) -> str:
+    engine = (values.get("engine") or "vllm").strip().lower()
+    if engine not in ("vllm", "sglang"):
+        raise ConfigError(f"{NAMESPACE}:engine must be vllm or sglang, not {engine!r}")
+    return engine
+
+
+def _availability_zone(values: Mapping[str, str], region: str) -> str:
+    availability_zone = (values.get("availabilityZone") or "").strip() or f"{region}a"
+    if not _AZ_RE.match(availability_zone) or not availability_zone.startswith(region):
+        raise ConfigError(
+            f"{NAMESPACE}:availabilityZone {availability_zone!r} is not a zone of {region} (e.g. {region}a)"
+        )
+    return availability_zone
+
+
+def _existing_network(values: Mapping[str, str], alb_subnet_ids: tuple[str, ...], *, replicas: int,
+                      https: bool) -> tuple[str | None, str | None]:
+    """(vpc id, subnet id) of an existing network, or (None, None) for a new VPC. A load balancer
+    (replicas > 1, or HTTPS) in an existing VPC needs `alb_subnet_ids` in two zones."""
+    vpc_id = (values.get("vpcId") or "").strip() or None
+    subnet_id = (values.get("subnetId") or "").strip() or None
+    if (vpc_id is None) != (subnet_id is None):
+        raise ConfigError(
+            f"set both {NAMESPACE}:vpcId and {NAMESPACE}:subnetId to use an existing network, "
+            "or neither to create a new VPC"
+        )
+    if vpc_id is not None and not _VPC_RE.match(vpc_id):
+        raise ConfigError(f"{NAMESPACE}:vpcId {vpc_id!r} is not a VPC id (vpc-...)")
+    for subnet in ((subnet_id,) if subnet_id else ()) + alb_subnet_ids:
+        if not _SUBNET_RE.match(subnet):
+            raise ConfigError(f"{subnet!r} is not a subnet id (subnet-...)")
+    if alb_subnet_ids and vpc_id is None:
+        raise ConfigError(f"{NAMESPACE}:albSubnetIds only applies with {NAMESPACE}:vpcId and subnetId")
+    if vpc_id is not None and (replicas > 1 or https) and len(alb_subnet_ids) < 2:
+        why = f"{NAMESPACE}:replicas > 1" if replicas > 1 else f"HTTPS ({NAMESPACE}:domain)"
+        raise ConfigError(
+            f"{why} in an existing VPC needs a load balancer in two availability "
+            f"zones: {_set_hint('albSubnetIds', 'subnet-aaaa...,subnet-bbbb...')}"
+        )
+    return vpc_id, subnet_id

@@ -32,17 +32,20 @@ The instance type, node count, root volume and the engine command all come from 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pulumi
 import pulumi_aws as aws
 import pulumi_random as random
 
-from r1nest_aws.config import ENGINE_PORT, GATEWAY_PORT, DeploymentArgs
+from r1nest.ports import ENGINE_PORT, GATEWAY_PORT  # the gateway's: the only port ever opened
+from r1nest_aws.config import HTTP_PORT, HTTPS_PORT, DeploymentArgs
 
 COMPONENT_TYPE = "r1nest:aws:Deployment"
 DEPLOYMENT_TAG = "r1nest:deployment"
@@ -62,8 +65,6 @@ CONTAINER_REPO_ROOT = "/opt/r1nest"
 
 ALB_IDLE_TIMEOUT_S = 4000  # the ALB maximum: reasoning streams are long
 HEALTH_PATH = "/health"
-HTTPS_PORT = 443
-HTTP_PORT = 80  # with a domain: only a redirect to HTTPS
 # TLS 1.3 and 1.2 with forward-secret AEAD ciphers only: ELB's recommended policy.
 TLS_POLICY = "ELBSecurityPolicy-TLS13-1-2-2021-06"
 
@@ -95,6 +96,7 @@ def plan_deployment(args: DeploymentArgs) -> PlannedDeployment:
         args.model, "aws", context=args.context, engine=args.engine,
         instance_type=args.instance_type, nodes=args.nodes,
     )
+    assert chosen.instance_type is not None, "an AWS plan names its instance type"
     spec = get_instance_type(chosen.instance_type)
     return PlannedDeployment(
         plan=chosen,
@@ -112,11 +114,11 @@ def ecr_repository(image: str) -> tuple[str, str, str] | None:
     return (match.group(1), match.group(2), match.group(3)) if match else None
 
 
-def ledger_table_args(spec: dict) -> dict:
+def ledger_table_args(spec: dict[str, Any]) -> dict[str, Any]:
     """The ledger's boto3 `create_table` spec as aws.dynamodb.Table arguments (same table)."""
     from r1nest.ledger.dynamodb import TTL_ATTRIBUTE
 
-    def keys(schema: list[dict]) -> tuple[str, str | None]:
+    def keys(schema: list[dict[str, str]]) -> tuple[str, str | None]:
         hash_key = next(k["AttributeName"] for k in schema if k["KeyType"] == "HASH")
         range_key = next((k["AttributeName"] for k in schema if k["KeyType"] == "RANGE"), None)
         return hash_key, range_key
@@ -181,55 +183,73 @@ class Deployment(pulumi.ComponentResource):
 
     # -- network -----------------------------------------------------------------------------
     def _network(self, name: str, child: pulumi.ResourceOptions) -> None:
+        """The VPC and subnets (new, or the configured ones) and the security groups."""
         args = self.args
+        vpc_id: pulumi.Input[str]
+        subnet_id: pulumi.Input[str]
+        alb_subnet_ids: list[pulumi.Input[str]]
         if args.new_vpc:
-            vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=VPC_CIDR, enable_dns_hostnames=True,
-                              enable_dns_support=True, tags={**self._tags, "Name": self.deployment_name}, opts=child)
-            gateway = aws.ec2.InternetGateway(f"{name}-igw", vpc_id=vpc.id, tags=self._tags, opts=child)
-            routes = aws.ec2.RouteTable(
-                f"{name}-public", vpc_id=vpc.id,
-                routes=[aws.ec2.RouteTableRouteArgs(cidr_block="0.0.0.0/0", gateway_id=gateway.id)],
-                tags=self._tags, opts=child,
-            )
-            zones = [args.availability_zone]
-            if args.load_balanced:  # an ALB needs subnets in two zones
-                other = aws.get_availability_zones_output(state="available", opts=pulumi.InvokeOptions(parent=self))
-                zones.append(other.names.apply(lambda names: next(z for z in names if z != args.availability_zone)))
-            subnets = []
-            for index, zone in enumerate(zones):
-                subnet = aws.ec2.Subnet(
-                    f"{name}-public-{index}", vpc_id=vpc.id, cidr_block=SUBNET_CIDRS[index],
-                    availability_zone=zone, map_public_ip_on_launch=False, tags=self._tags, opts=child,
-                )
-                aws.ec2.RouteTableAssociation(f"{name}-public-{index}", subnet_id=subnet.id,
-                                              route_table_id=routes.id, opts=child)
-                subnets.append(subnet.id)
-            self.vpc_id: pulumi.Input[str] = vpc.id
-            self.subnet_id: pulumi.Input[str] = subnets[0]
-            self.alb_subnet_ids: list[pulumi.Input[str]] = subnets
+            vpc_id, alb_subnet_ids = self._new_vpc(name, child)
+            subnet_id = alb_subnet_ids[0]
         else:
-            self.vpc_id = args.vpc_id  # type: ignore[assignment]
-            self.subnet_id = args.subnet_id  # type: ignore[assignment]
-            self.alb_subnet_ids = list(args.alb_subnet_ids)
+            assert args.vpc_id is not None and args.subnet_id is not None  # parse_config: both or neither
+            vpc_id, subnet_id, alb_subnet_ids = args.vpc_id, args.subnet_id, list(args.alb_subnet_ids)
+        self.vpc_id, self.subnet_id, self.alb_subnet_ids = vpc_id, subnet_id, alb_subnet_ids
+        self.alb_security_group = self._alb_security_group(name, child) if args.load_balanced else None
+        self.security_group = self._nodes_security_group(name, child)
 
-        self.alb_security_group = None
-        if args.load_balanced:
-            public_ports = (HTTPS_PORT, HTTP_PORT) if args.domain else (GATEWAY_PORT,)
-            self.alb_security_group = aws.ec2.SecurityGroup(
-                f"{name}-alb", vpc_id=self.vpc_id,
-                description="r1nest load balancer: "
-                            + ("HTTPS (and HTTP, redirected)" if args.domain else "the gateway port")
-                            + " from the allowed CIDRs",
-                ingress=[aws.ec2.SecurityGroupIngressArgs(
-                    protocol="tcp", from_port=port, to_port=port,
-                    cidr_blocks=list(args.allowed_cidrs), description=f"r1nest API ({port})",
-                ) for port in public_ports],
-                egress=[aws.ec2.SecurityGroupEgressArgs(
-                    protocol="tcp", from_port=GATEWAY_PORT, to_port=GATEWAY_PORT,
-                    cidr_blocks=["0.0.0.0/0"], description="to the gateways",
-                )],
-                tags=self._tags, opts=child,
+    def _new_vpc(self, name: str, child: pulumi.ResourceOptions) -> tuple[pulumi.Input[str], list[pulumi.Input[str]]]:
+        """(vpc id, subnet ids) of a new VPC with public subnets: one in the configured zone, a
+        second in another zone for a load balancer."""
+        args = self.args
+        vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=VPC_CIDR, enable_dns_hostnames=True,
+                          enable_dns_support=True, tags={**self._tags, "Name": self.deployment_name}, opts=child)
+        gateway = aws.ec2.InternetGateway(f"{name}-igw", vpc_id=vpc.id, tags=self._tags, opts=child)
+        routes = aws.ec2.RouteTable(
+            f"{name}-public", vpc_id=vpc.id,
+            routes=[aws.ec2.RouteTableRouteArgs(cidr_block="0.0.0.0/0", gateway_id=gateway.id)],
+            tags=self._tags, opts=child,
+        )
+        zones: list[pulumi.Input[str]] = [args.availability_zone]
+        if args.load_balanced:  # an ALB needs subnets in two zones
+            other = aws.get_availability_zones_output(state="available", opts=pulumi.InvokeOptions(parent=self))
+            zones.append(other.names.apply(lambda names: next(z for z in names if z != args.availability_zone)))
+        subnets: list[pulumi.Input[str]] = []
+        for index, zone in enumerate(zones):
+            subnet = aws.ec2.Subnet(
+                f"{name}-public-{index}", vpc_id=vpc.id, cidr_block=SUBNET_CIDRS[index],
+                availability_zone=zone, map_public_ip_on_launch=False, tags=self._tags, opts=child,
             )
+            aws.ec2.RouteTableAssociation(f"{name}-public-{index}", subnet_id=subnet.id,
+                                          route_table_id=routes.id, opts=child)
+            subnets.append(subnet.id)
+        return vpc.id, subnets
+
+    def _alb_security_group(self, name: str, child: pulumi.ResourceOptions) -> aws.ec2.SecurityGroup:
+        """The load balancer's: HTTPS and the redirecting HTTP with a domain, else the gateway
+        port, from the allowed CIDRs; out only to the gateways."""
+        args = self.args
+        public_ports = (HTTPS_PORT, HTTP_PORT) if args.domain else (GATEWAY_PORT,)
+        return aws.ec2.SecurityGroup(
+            f"{name}-alb", vpc_id=self.vpc_id,
+            description="r1nest load balancer: "
+                        + ("HTTPS (and HTTP, redirected)" if args.domain else "the gateway port")
+                        + " from the allowed CIDRs",
+            ingress=[aws.ec2.SecurityGroupIngressArgs(
+                protocol="tcp", from_port=port, to_port=port,
+                cidr_blocks=list(args.allowed_cidrs), description=f"r1nest API ({port})",
+            ) for port in public_ports],
+            egress=[aws.ec2.SecurityGroupEgressArgs(
+                protocol="tcp", from_port=GATEWAY_PORT, to_port=GATEWAY_PORT,
+                cidr_blocks=["0.0.0.0/0"], description="to the gateways",
+            )],
+            tags=self._tags, opts=child,
+        )
+
+    def _nodes_security_group(self, name: str, child: pulumi.ResourceOptions) -> aws.ec2.SecurityGroup:
+        """The nodes': the gateway port only (from the load balancer when there is one, else from
+        the allowed CIDRs), everything between the nodes of a multi-node replica, never the engine port."""
+        if self.alb_security_group is not None:
             gateway_rule = aws.ec2.SecurityGroupIngressArgs(
                 protocol="tcp", from_port=GATEWAY_PORT, to_port=GATEWAY_PORT,
                 security_groups=[self.alb_security_group.id], description="r1nest gateway, from the load balancer",
@@ -237,24 +257,23 @@ class Deployment(pulumi.ComponentResource):
         else:
             gateway_rule = aws.ec2.SecurityGroupIngressArgs(
                 protocol="tcp", from_port=GATEWAY_PORT, to_port=GATEWAY_PORT,
-                cidr_blocks=list(args.allowed_cidrs), description="r1nest gateway",
+                cidr_blocks=list(self.args.allowed_cidrs), description="r1nest gateway",
             )
         ingress = [gateway_rule]
+        egress = [aws.ec2.SecurityGroupEgressArgs(
+            protocol="-1", from_port=0, to_port=0, cidr_blocks=["0.0.0.0/0"],
+            description="image, weights, SSM",
+        )]
         if self.planned.nodes > 1:
             # NCCL/EFA and the engine's own rendezvous: every port, but only between members of
             # this group (EFA requires an all-traffic self-referencing rule in and out).
             ingress.append(aws.ec2.SecurityGroupIngressArgs(
                 protocol="-1", from_port=0, to_port=0, self=True, description="between the nodes of this deployment",
             ))
-        egress = [aws.ec2.SecurityGroupEgressArgs(
-            protocol="-1", from_port=0, to_port=0, cidr_blocks=["0.0.0.0/0"],
-            description="image, weights, SSM",
-        )]
-        if self.planned.nodes > 1:
             egress.append(aws.ec2.SecurityGroupEgressArgs(
                 protocol="-1", from_port=0, to_port=0, self=True, description="EFA: to the nodes of this deployment",
             ))
-        self.security_group = aws.ec2.SecurityGroup(
+        return aws.ec2.SecurityGroup(
             f"{name}-nodes", vpc_id=self.vpc_id,
             description=f"r1nest nodes: port {GATEWAY_PORT} only; the engine port {ENGINE_PORT} is never open",
             ingress=ingress, egress=egress, tags=self._tags, opts=child,
@@ -354,9 +373,9 @@ class Deployment(pulumi.ComponentResource):
         source_arn = self.source_object_arn if self.source_object is not None else None
         ecr = ecr_repository(self.image)
 
-        def policy(arns: list) -> str:
+        def policy(arns: list[str | None]) -> str:
             api_arn, admin_arn, ledger_arn, bundle_arn = arns
-            statements: list[dict] = [{
+            statements: list[dict[str, Any]] = [{
                 "Sid": "ReadDeploymentKeys", "Effect": "Allow", "Action": ["ssm:GetParameter"],
                 # SecureStrings under the AWS-managed key aws/ssm: SSM decrypts on the role's
                 # behalf, so no kms:Decrypt statement is needed.
@@ -497,7 +516,7 @@ class Deployment(pulumi.ComponentResource):
                     self.ledger_table.name if self.ledger_table is not None else None,
                     self._trusted_proxies(),
                     self.source_bucket.bucket if self.source_object is not None else None,
-                ).apply(lambda values, rank=rank: self._user_data(rank, *values))
+                ).apply(functools.partial(self._user_data_of, rank))
                 # the node reads its keys and the source bundle at boot: both readable before it starts
                 ready = [self.role_policy] + ([self.source_object] if self.source_object is not None else [])
                 instance = aws.ec2.Instance(node, opts=pulumi.ResourceOptions(parent=self, depends_on=ready),
@@ -515,9 +534,9 @@ class Deployment(pulumi.ComponentResource):
 
     def _instance_args(self, node: str, ami_id: pulumi.Input[str], eni: aws.ec2.NetworkInterface,
                        placement: aws.ec2.PlacementGroup | None, user_data: pulumi.Input[str],
-                       replica: int, rank: int) -> dict:
+                       replica: int, rank: int) -> dict[str, Any]:
         planned = self.planned
-        instance_args: dict = dict(
+        instance_args: dict[str, Any] = dict(
             ami=ami_id,
             instance_type=planned.instance_type,
             iam_instance_profile=self.instance_profile.name,
@@ -594,6 +613,10 @@ class Deployment(pulumi.ComponentResource):
             "name in a Route 53 hosted zone of this account.",
             resource=self,
         )
+
+    def _user_data_of(self, rank: int, values: list[Any]) -> str:
+        """`_user_data` for one node from the resolved Output.all values."""
+        return self._user_data(rank, *values)
 
     def _user_data(self, rank: int, public_url: str, private_ip: str, head_ip: str,
                    api_parameter: str, admin_parameter: str, table: str | None,

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from r1nest_aws.config import HTTPS_PORT
+
 INSTANCE = "aws:ec2/instance:Instance"
 LAUNCH_TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
 VOLUME = "aws:ebs/volume:Volume"
@@ -225,7 +227,7 @@ def engine_hosts(user_data: str) -> list[str]:
 
 # -- IAM ----------------------------------------------------------------------------------------
 
-def _statements(document: Any) -> list[dict]:
+def _statements(document: Any) -> list[dict[str, Any]]:
     if isinstance(document, str):
         document = json.loads(document)
     statements = document.get("Statement", [])
@@ -287,7 +289,7 @@ def _default_actions(listener: Registered) -> list[Mapping[str, Any]]:
 
 
 def https_only(resources: Sequence[Registered], *, domain: str, gateway_port: int) -> list[str]:
-    """With a domain: a DNS-validated ACM certificate for it, an HTTPS listener on 443 with a
+    """With a domain: a DNS-validated ACM certificate for it, an HTTPS listener on HTTPS_PORT with a
     modern TLS policy, plain HTTP only as a redirect to HTTPS, an alias record for the domain, and
     the gateway port reachable from no address block at all (only from the load balancer)."""
     problems = []
@@ -301,8 +303,8 @@ def https_only(resources: Sequence[Registered], *, domain: str, gateway_port: in
         problems.append("the certificate's validation is not awaited (no CertificateValidation)")
     listeners = _of(resources, LISTENER)
     https = [r for r in listeners if r.inputs.get("protocol") == "HTTPS"]
-    if not any(int(r.inputs.get("port", 0)) == 443 for r in https):
-        problems.append("no HTTPS listener on 443")
+    if not any(int(r.inputs.get("port", 0)) == HTTPS_PORT for r in https):
+        problems.append(f"no HTTPS listener on {HTTPS_PORT}")
     for r in https:
         if r.inputs.get("sslPolicy") not in MODERN_TLS_POLICIES:
             problems.append(f"{r.name}: TLS policy {r.inputs.get('sslPolicy')!r} is not one of {MODERN_TLS_POLICIES}")

@@ -19,6 +19,7 @@ import time
 from typing import TextIO
 
 from r1nest.errors import ConfigError, R1nestError, StoreError
+from r1nest.files import API_KEY_FILE, write_key_file
 from r1nest.keys import ADMIN_PREFIX, hash_key, parse_key_id
 from r1nest.ledger.base import Store
 
@@ -77,8 +78,6 @@ def main(argv: list[str] | None = None) -> None:
 
         created = asyncio.run(run())
         # The gateway's overview page (behind the admin login) shows the key from the data dir.
-        from r1nest.overview.sources import API_KEY_FILE, write_key_file
-
         write_key_file(load_settings().data_dir / API_KEY_FILE, plaintext)
     except R1nestError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -31,9 +31,12 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from r1nest.keys import ADMIN_PREFIX, KEY_PREFIX
+
+if TYPE_CHECKING:
+    from jinja2 import Environment
 
 USER_DATA_LIMIT_BYTES = 16 * 1024  # EC2 refuses larger user data (before base64)
 ENGINE_KEY_SENTINEL = "@@R1NEST_ENGINE_KEY@@"  # stands for the key drawn on the box at boot
@@ -349,7 +352,7 @@ def _units(boot: NodeBoot) -> list[tuple[str, dict[str, object]]]:
     return units
 
 
-def _templates():  # -> jinja2.Environment
+def _templates() -> Environment:
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
     from r1nest.paths import TEMPLATES_DIR

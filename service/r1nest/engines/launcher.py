@@ -41,6 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r1nest.engines.base import EngineProfile, engine_argv, engine_env, engine_secret_files, health_path
+from r1nest.errors import ConfigError
+from r1nest.files import write_private_files, write_private_text
+from r1nest.gateway.health import FAILING, watch_health
 from r1nest.gateway.state import EngineState
 
 log = logging.getLogger("r1nest.engine")
@@ -151,13 +154,10 @@ def read_observed(data_dir: Path) -> dict[str, str]:
 
 
 def write_observed(data_dir: Path, observed: dict[str, str]) -> None:
-    path = data_dir / OBSERVED_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(observed, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    except OSError as exc:
-        log.warning("could not record what the engine runs in %s: %s", path, exc.strerror)
+        write_private_text(data_dir / OBSERVED_FILE, json.dumps(observed, indent=1, sort_keys=True) + "\n")
+    except ConfigError as exc:
+        log.warning("could not record what the engine runs: %s", exc)
 
 
 # --- startup records (data dir) ---------------------------------------------------------------
@@ -184,12 +184,10 @@ def write_startup_s(data_dir: Path, key: str, seconds: float) -> None:
     records[key] = round(seconds, 1)
     while len(records) > MAX_STARTUP_RECORDS:
         records.pop(next(iter(records)))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    except OSError as exc:
-        log.warning("could not record the engine startup time in %s: %s", path, exc.strerror)
+        write_private_text(path, json.dumps(records, indent=1) + "\n")
+    except ConfigError as exc:
+        log.warning("could not record the engine startup time: %s", exc)
 
 
 VLLM_CLI_MODULE = "vllm.entrypoints.cli.main"
@@ -221,7 +219,8 @@ def vllm_metadata_found() -> bool:
 def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def child_environ(base: Mapping[str, str], additions: Mapping[str, str]) -> dict[str, str]:
@@ -313,16 +312,12 @@ class EngineSupervisor:
 
     def _command(self) -> tuple[list[str], dict[str, str]]:
         secrets_dir = None
-        files = engine_secret_files(self.profile, api_key=self.api_key)
-        if files:
+        secret_files = engine_secret_files(self.profile, api_key=self.api_key)
+        if secret_files:
             if self._secrets_dir is None:
                 self._secrets_dir = tempfile.TemporaryDirectory(prefix="r1nest-engine-")
             secrets_dir = self._secrets_dir.name
-            os.chmod(secrets_dir, 0o700)
-            for name, text in files.items():
-                fd = os.open(Path(secrets_dir) / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    handle.write(text)
+            write_private_files(Path(secrets_dir), secret_files)
         argv = [a.replace("{port}", str(self.port)) for a in self._argv_override] if self._argv_override else engine_argv(
             self.profile, host=LOOPBACK, port=self.port, secrets_dir=secrets_dir
         )
@@ -392,22 +387,23 @@ class EngineSupervisor:
         return False
 
     async def _watch(self, process: asyncio.subprocess.Process, client: object) -> None:
-        """Until the process exits, or stops answering /health (then it is stopped)."""
-        bad = 0
-        while process.returncode is None:
+        """Until the process exits, or stops answering /health (then it is stopped: `run` restarts it)."""
+
+        async def probe() -> bool:
+            return await self._healthy(client)
+
+        async def wait_for_exit(seconds: float) -> None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(process.wait(), self.watch_interval_s)
-            if process.returncode is not None or self._stopping:
-                return
-            if await self._healthy(client):
-                bad = 0
-                continue
-            bad += 1
-            if bad >= UNHEALTHY_CHECKS_TO_RESTART:
-                log.error("engine stopped answering /health: restarting it")
-                self.state.set_warming(self.eta_s)
-                await self._terminate(process)
-                return
+                await asyncio.wait_for(process.wait(), seconds)
+
+        outcome = await watch_health(
+            probe, self.state, interval_s=self.watch_interval_s, failures_to_act=UNHEALTHY_CHECKS_TO_RESTART,
+            restart_eta_s=self.eta_s, exited=lambda: process.returncode is not None or self._stopping,
+            wait=wait_for_exit,
+        )
+        if outcome == FAILING:
+            log.error("engine stopped answering /health: restarting it")
+            await self._terminate(process)
 
     # -- the supervision loop --------------------------------------------------------------
 

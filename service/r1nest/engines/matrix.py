@@ -30,14 +30,15 @@ def tiny_specs() -> list[ModelSpec]:
 
 def profile_matrix(engine: EngineName) -> Iterator[tuple[str, EngineProfile]]:
     """(label, profile) for every launch of `engine` that r1nest can produce."""
-    from r1nest.planner import plan
+    from r1nest.planner import MAX_NODES, plan
 
     for model_id in MODELS:
         for cloud in ("aws", "modal"):
             for mode in (None, "latency", "throughput"):
-                for nodes in (None, 1, 2) if MODELS[model_id].is_moe and cloud == "aws" else (None,):
+                moe_on_aws = MODELS[model_id].is_moe and cloud == "aws"
+                for nodes in (None, *range(1, MAX_NODES + 1)) if moe_on_aws else (None,):
                     try:
-                        p = plan(model_id, cloud, engine=engine, mode=mode, nodes=nodes)  # type: ignore[arg-type]
+                        p = plan(model_id, cloud, engine=engine, mode=mode, nodes=nodes)
                     except PlanError:
                         continue
                     yield f"plan:{model_id}:{cloud}:{mode}:{nodes}", p.profile

@@ -22,7 +22,7 @@ throughput; MTP through the EAGLE speculative path), the large-scale EP guide
 from __future__ import annotations
 
 from r1nest.catalog import ModelSpec
-from r1nest.engines.base import PACKAGED_FILE_PREFIX, EngineProfile, Fabric, Mode, MultiNode
+from r1nest.engines.base import PACKAGED_FILE_PREFIX, EngineProfile, Fabric, Mode
 from r1nest.hardware import HardwareClass
 
 MTP_ARGS = (
@@ -65,42 +65,10 @@ def sglang_profile(
     if model.engine_revision:
         args += ["--revision", model.engine_revision]
     notes: list[str] = []
-    ep = 1
-    multinode: MultiNode = "nnodes" if nodes > 1 else "single"
-    if dp > 1:
-        # SGLang 0.5.23 spells DP attention --attn-dp-size N (it deprecates the older
-        # "--dp-size N --enable-dp-attention", which still works there).
-        args += ["--attn-dp-size", str(dp)]
-        notes.append(f"DP attention over {dp} ranks (throughput)")
-    if model.is_moe and world > 1:
-        ep = world
-        args += ["--ep-size", str(ep)]
-        if nodes > 1 and dp > 1:
-            a2a = MULTINODE_A2A[fabric]
-            args += ["--moe-a2a-backend", a2a]
-            notes.append("DeepEP all-to-all between nodes (InfiniBand, IBGDA)" if a2a == "deepep" else
-                         f"expert all-to-all between nodes on NCCL collectives ({fabric} fabric: no DeepEP)")
-        notes.append(f"experts sharded over {ep} GPUs (EP)")
-    if kv_cache_dtype == "fp8":
-        args += ["--kv-cache-dtype", "fp8_e4m3"]
-    if model.uses_mla and hardware_class in ATTENTION_BACKEND:
-        args += ["--attention-backend", ATTENTION_BACKEND[hardware_class]]
-    use_mtp = speculative if speculative is not None else (
-        model.mtp_layers > 0 and mode == "latency" and hardware_class in ("hopper", "blackwell")
-    )
-    if use_mtp and model.mtp_layers > 0:
-        args += list(MTP_ARGS)
-        notes.append("MTP speculative decoding (EAGLE path, 1 step)")
-    if not model.is_local and not model.engine_revision:
-        notes.append("weights unpinned: the engine loads the repository's main branch")
-    args += ["--reasoning-parser", model.reasoning_parser_sglang]
-    # prompt-cache hits are priced apart: the radix cache is on by default; this reports the
-    # cached count in usage.prompt_tokens_details, as vLLM's --enable-prompt-tokens-details does
-    args.append("--enable-cache-report")
-    if model.tool_call_parser_sglang:
-        args += ["--tool-call-parser", model.tool_call_parser_sglang]
-        if model.tool_chat_template:
-            args += ["--chat-template", PACKAGED_FILE_PREFIX + model.tool_chat_template]
+    ep = _parallelism(args, notes, model, world=world, nodes=nodes, dp=dp, fabric=fabric)
+    args += _attention_args(model, hardware_class, kv_cache_dtype)
+    _speculative_decoding(args, notes, model, hardware_class, mode, speculative)
+    _serving(args, notes, model)
     return EngineProfile(
         engine="sglang",
         model=model.hf_repo,
@@ -115,7 +83,7 @@ def sglang_profile(
         dp=dp,
         ep=ep,
         mode=mode,
-        multinode=multinode,
+        multinode="nnodes" if nodes > 1 else "single",
         fabric=fabric,
         revision=model.engine_revision,
         kv_cache_dtype=kv_cache_dtype,
@@ -123,3 +91,55 @@ def sglang_profile(
         gpu_memory_utilization=gpu_memory_utilization,
         notes=tuple(notes),
     )
+
+
+def _parallelism(args: list[str], notes: list[str], model: ModelSpec, *, world: int, nodes: int, dp: int,
+                 fabric: Fabric) -> int:
+    """DP attention, expert parallelism and the all-to-all between nodes; returns the EP size."""
+    if dp > 1:
+        # SGLang 0.5.23 spells DP attention --attn-dp-size N (it deprecates the older
+        # "--dp-size N --enable-dp-attention", which still works there).
+        args += ["--attn-dp-size", str(dp)]
+        notes.append(f"DP attention over {dp} ranks (throughput)")
+    if not (model.is_moe and world > 1):
+        return 1
+    args += ["--ep-size", str(world)]
+    if nodes > 1 and dp > 1:
+        a2a = MULTINODE_A2A[fabric]
+        args += ["--moe-a2a-backend", a2a]
+        notes.append("DeepEP all-to-all between nodes (InfiniBand, IBGDA)" if a2a == "deepep" else
+                     f"expert all-to-all between nodes on NCCL collectives ({fabric} fabric: no DeepEP)")
+    notes.append(f"experts sharded over {world} GPUs (EP)")
+    return world
+
+
+def _attention_args(model: ModelSpec, hardware_class: HardwareClass, kv_cache_dtype: str) -> list[str]:
+    args = ["--kv-cache-dtype", "fp8_e4m3"] if kv_cache_dtype == "fp8" else []
+    if model.uses_mla and hardware_class in ATTENTION_BACKEND:
+        args += ["--attention-backend", ATTENTION_BACKEND[hardware_class]]
+    return args
+
+
+def _speculative_decoding(args: list[str], notes: list[str], model: ModelSpec, hardware_class: HardwareClass,
+                          mode: Mode, speculative: bool | None) -> None:
+    """MTP when asked, or by default for latency on Hopper and Blackwell (the model must have it)."""
+    use_mtp = speculative if speculative is not None else (
+        model.mtp_layers > 0 and mode == "latency" and hardware_class in ("hopper", "blackwell")
+    )
+    if use_mtp and model.mtp_layers > 0:
+        args += list(MTP_ARGS)
+        notes.append("MTP speculative decoding (EAGLE path, 1 step)")
+
+
+def _serving(args: list[str], notes: list[str], model: ModelSpec) -> None:
+    """What the gateway relies on: reasoning and tool parsers, cached-token counts."""
+    if not model.is_local and not model.engine_revision:
+        notes.append("weights unpinned: the engine loads the repository's main branch")
+    args += ["--reasoning-parser", model.reasoning_parser_sglang]
+    # prompt-cache hits are priced apart: the radix cache is on by default; this reports the
+    # cached count in usage.prompt_tokens_details, as vLLM's --enable-prompt-tokens-details does
+    args.append("--enable-cache-report")
+    if model.tool_call_parser_sglang:
+        args += ["--tool-call-parser", model.tool_call_parser_sglang]
+        if model.tool_chat_template:
+            args += ["--chat-template", PACKAGED_FILE_PREFIX + model.tool_chat_template]

@@ -23,6 +23,7 @@ reasoning-outputs and tool-calling docs, and vLLM's own attention-backend table:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 from r1nest.catalog import ModelSpec
 from r1nest.engines.base import PACKAGED_FILE_PREFIX, EngineProfile, Fabric, Mode, MultiNode
@@ -48,6 +49,15 @@ CPU_MAX_NUM_SEQS = 16
 QUIET_ACCESS_LOG_ENDPOINTS = "/health"
 
 
+@dataclass
+class _Flags:
+    """The engine's arguments, environment and the plan's notes, collected step by step."""
+
+    args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
 def vllm_profile(
     model: ModelSpec,
     *,
@@ -64,84 +74,24 @@ def vllm_profile(
     speculative: bool | None = None,
     fabric: Fabric = "unknown",
 ) -> EngineProfile:
-    args: list[str] = ["--max-model-len", str(context)]
+    flags = _Flags(["--max-model-len", str(context)])
     if model.engine_revision:
-        args += ["--revision", model.engine_revision]
-    env: dict[str, str] = {}
-    notes: list[str] = []
-    ep = 1
-    multinode: MultiNode = "single"
-
+        flags.args += ["--revision", model.engine_revision]
     if hardware_class == "cpu":
-        # vLLM's CPU build: KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GiB), not from a
-        # GPU memory fraction; bfloat16 runs on AVX-512 / AMX and falls back elsewhere.
-        args += ["--dtype", "bfloat16", "--max-num-seqs", str(CPU_MAX_NUM_SEQS)]
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(CPU_KVCACHE_GIB)
-        notes.append(f"CPU build: {CPU_KVCACHE_GIB} GiB KV cache (VLLM_CPU_KVCACHE_SPACE)")
+        ep, multinode = _cpu_build(flags)
     else:
-        args += ["--gpu-memory-utilization", f"{gpu_memory_utilization:.2f}"]
-        if tp > 1:
-            args += ["--tensor-parallel-size", str(tp)]
-        if pp > 1:
-            args += ["--pipeline-parallel-size", str(pp)]
-        if dp > 1:
-            args += ["--data-parallel-size", str(dp)]
-        if model.is_moe and tp * dp * pp > 1:
-            args.append("--enable-expert-parallel")
-            ep = tp * dp
-            notes.append(f"experts sharded over {ep} GPUs (EP)")
-        if nodes > 1:
-            if dp > 1:
-                multinode = "dp_ep"
-                if model.is_moe:
-                    args += ["--all2all-backend", MULTINODE_ALL2ALL]
-                    notes.append(f"expert all-to-all between nodes: {MULTINODE_ALL2ALL} (NCCL; works over EFA)")
-                notes.append("DP+EP across nodes: rank 0 serves the API, the others --headless")
-            else:
-                multinode = "tp_pp"
-                args += ["--distributed-executor-backend", "mp"]
-                notes.append(f"TP{tp} inside each node x PP{pp} across nodes (multiprocessing backend)")
-
-    if model.uses_mla and kv_cache_dtype == "fp8" and hardware_class in MLA_FP8_BACKEND:
-        args += ["--kv-cache-dtype", "fp8", "--attention-backend", MLA_FP8_BACKEND[hardware_class]]
-        notes.append(f"FP8 MLA KV cache on {MLA_FP8_BACKEND[hardware_class]}")
-    elif kv_cache_dtype == "fp8" and hardware_class != "cpu":
-        args += ["--kv-cache-dtype", "fp8"]
-    elif model.uses_mla and hardware_class in MLA_BF16_BACKEND:
-        args += ["--attention-backend", MLA_BF16_BACKEND[hardware_class]]
-        notes.append(f"BF16 MLA KV cache on {MLA_BF16_BACKEND[hardware_class]}")
-    if model.weight_dtype == "fp8" and hardware_class in ("hopper", "blackwell"):
-        env["VLLM_USE_DEEP_GEMM"] = "1"
-        notes.append("DeepGEMM FP8 kernels (JIT warm-up on first start)")
-    if hardware_class == "mi300x":
-        env["VLLM_ROCM_USE_AITER"] = "1"
-
-    use_mtp = speculative if speculative is not None else (
-        model.mtp_layers > 0 and mode == "latency" and hardware_class in ("hopper", "blackwell")
-    )
-    if use_mtp and model.mtp_layers > 0:
-        args += ["--speculative-config", MTP_CONFIG]
-        notes.append("MTP speculative decoding (1 draft token)")
-
-    if not model.is_local and not model.engine_revision:
-        notes.append("weights unpinned: the engine loads the repository's main branch")
-    args += ["--reasoning-parser", model.reasoning_parser_vllm]
-    # Prompt-cache hits are priced apart: prefix caching on (vLLM's default on GPUs; its CPU build
-    # turns it off for MLA models by itself) and the cached count reported in every usage object.
-    # The thinking budget (`thinking_token_budget`) needs R1's reasoning markers.
-    args += ["--enable-prefix-caching", "--enable-prompt-tokens-details", "--reasoning-config", REASONING_CONFIG]
-    args += ["--disable-access-log-for-endpoints", QUIET_ACCESS_LOG_ENDPOINTS]
-    if model.tool_call_parser_vllm:
-        args += ["--enable-auto-tool-choice", "--tool-call-parser", model.tool_call_parser_vllm]
-        if model.tool_chat_template:
-            args += ["--chat-template", PACKAGED_FILE_PREFIX + model.tool_chat_template]
-
+        ep, multinode = _gpu_layout(flags, model, nodes=nodes, tp=tp, pp=pp, dp=dp,
+                                    gpu_memory_utilization=gpu_memory_utilization)
+    _attention(flags, model, hardware_class, kv_cache_dtype)
+    _kernels(flags, model, hardware_class)
+    _speculative_decoding(flags, model, hardware_class, mode, speculative)
+    _serving(flags, model)
     return EngineProfile(
         engine="vllm",
         model=model.hf_repo,
         served_model_name=model.id,
-        args=tuple(args),
-        env=env,
+        args=tuple(flags.args),
+        env=flags.env,
         hardware_class=hardware_class,
         nodes=nodes,
         gpus_per_node=gpus_per_node,
@@ -156,5 +106,89 @@ def vllm_profile(
         kv_cache_dtype=kv_cache_dtype,
         context=context,
         gpu_memory_utilization=gpu_memory_utilization,
-        notes=tuple(notes),
+        notes=tuple(flags.notes),
     )
+
+
+def _cpu_build(flags: _Flags) -> tuple[int, MultiNode]:
+    """vLLM's CPU build, one process: (ep, multinode). Its KV cache size comes from
+    VLLM_CPU_KVCACHE_SPACE (GiB), not from a GPU memory fraction; bfloat16 runs on AVX-512 / AMX
+    and falls back elsewhere."""
+    flags.args += ["--dtype", "bfloat16", "--max-num-seqs", str(CPU_MAX_NUM_SEQS)]
+    flags.env["VLLM_CPU_KVCACHE_SPACE"] = str(CPU_KVCACHE_GIB)
+    flags.notes.append(f"CPU build: {CPU_KVCACHE_GIB} GiB KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    return 1, "single"
+
+
+def _gpu_layout(flags: _Flags, model: ModelSpec, *, nodes: int, tp: int, pp: int, dp: int,
+                gpu_memory_utilization: float) -> tuple[int, MultiNode]:
+    """Memory fraction, parallelism, expert parallelism and the multi-node scheme: (ep, multinode)."""
+    flags.args += ["--gpu-memory-utilization", f"{gpu_memory_utilization:.2f}"]
+    for flag, size in (("--tensor-parallel-size", tp), ("--pipeline-parallel-size", pp),
+                       ("--data-parallel-size", dp)):
+        if size > 1:
+            flags.args += [flag, str(size)]
+    ep = 1
+    if model.is_moe and tp * dp * pp > 1:
+        flags.args.append("--enable-expert-parallel")
+        ep = tp * dp
+        flags.notes.append(f"experts sharded over {ep} GPUs (EP)")
+    if nodes == 1:
+        return ep, "single"
+    if dp > 1:
+        if model.is_moe:
+            flags.args += ["--all2all-backend", MULTINODE_ALL2ALL]
+            flags.notes.append(f"expert all-to-all between nodes: {MULTINODE_ALL2ALL} (NCCL; works over EFA)")
+        flags.notes.append("DP+EP across nodes: rank 0 serves the API, the others --headless")
+        return ep, "dp_ep"
+    flags.args += ["--distributed-executor-backend", "mp"]
+    flags.notes.append(f"TP{tp} inside each node x PP{pp} across nodes (multiprocessing backend)")
+    return ep, "tp_pp"
+
+
+def _attention(flags: _Flags, model: ModelSpec, hardware_class: HardwareClass, kv_cache_dtype: str) -> None:
+    """The KV cache's dtype and, for MLA, the attention backend that takes it."""
+    if model.uses_mla and kv_cache_dtype == "fp8" and hardware_class in MLA_FP8_BACKEND:
+        flags.args += ["--kv-cache-dtype", "fp8", "--attention-backend", MLA_FP8_BACKEND[hardware_class]]
+        flags.notes.append(f"FP8 MLA KV cache on {MLA_FP8_BACKEND[hardware_class]}")
+    elif kv_cache_dtype == "fp8" and hardware_class != "cpu":
+        flags.args += ["--kv-cache-dtype", "fp8"]
+    elif model.uses_mla and hardware_class in MLA_BF16_BACKEND:
+        flags.args += ["--attention-backend", MLA_BF16_BACKEND[hardware_class]]
+        flags.notes.append(f"BF16 MLA KV cache on {MLA_BF16_BACKEND[hardware_class]}")
+
+
+def _kernels(flags: _Flags, model: ModelSpec, hardware_class: HardwareClass) -> None:
+    if model.weight_dtype == "fp8" and hardware_class in ("hopper", "blackwell"):
+        flags.env["VLLM_USE_DEEP_GEMM"] = "1"
+        flags.notes.append("DeepGEMM FP8 kernels (JIT warm-up on first start)")
+    if hardware_class == "mi300x":
+        flags.env["VLLM_ROCM_USE_AITER"] = "1"
+
+
+def _speculative_decoding(flags: _Flags, model: ModelSpec, hardware_class: HardwareClass, mode: Mode,
+                          speculative: bool | None) -> None:
+    """MTP when asked, or by default for latency on Hopper and Blackwell (the model must have it)."""
+    use_mtp = speculative if speculative is not None else (
+        model.mtp_layers > 0 and mode == "latency" and hardware_class in ("hopper", "blackwell")
+    )
+    if use_mtp and model.mtp_layers > 0:
+        flags.args += ["--speculative-config", MTP_CONFIG]
+        flags.notes.append("MTP speculative decoding (1 draft token)")
+
+
+def _serving(flags: _Flags, model: ModelSpec) -> None:
+    """What the gateway relies on: reasoning and tool parsers, cached-token counts, a quiet log."""
+    if not model.is_local and not model.engine_revision:
+        flags.notes.append("weights unpinned: the engine loads the repository's main branch")
+    flags.args += ["--reasoning-parser", model.reasoning_parser_vllm]
+    # Prompt-cache hits are priced apart: prefix caching on (vLLM's default on GPUs; its CPU build
+    # turns it off for MLA models by itself) and the cached count reported in every usage object.
+    # The thinking budget (`thinking_token_budget`) needs R1's reasoning markers.
+    flags.args += ["--enable-prefix-caching", "--enable-prompt-tokens-details", "--reasoning-config",
+                   REASONING_CONFIG]
+    flags.args += ["--disable-access-log-for-endpoints", QUIET_ACCESS_LOG_ENDPOINTS]
+    if model.tool_call_parser_vllm:
+        flags.args += ["--enable-auto-tool-choice", "--tool-call-parser", model.tool_call_parser_vllm]
+        if model.tool_chat_template:
+            flags.args += ["--chat-template", PACKAGED_FILE_PREFIX + model.tool_chat_template]

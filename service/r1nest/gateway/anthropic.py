@@ -262,7 +262,9 @@ def message(answer_body: bytes, *, stop_sequences: list[str], model: str) -> byt
     answer = json.loads(answer_body)
     choices = answer.get("choices") or [{}]
     choice = choices[0] if isinstance(choices[0], dict) else {}
-    chat_message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    chat_message = choice.get("message")
+    if not isinstance(chat_message, dict):
+        chat_message = {}
     content: list[dict[str, Any]] = []
     reasoning = chat_message.get("reasoning_content")
     if isinstance(reasoning, str) and reasoning:
@@ -344,7 +346,9 @@ class MessageStream(StreamTracker):
         }))
 
     def _choice(self, choice: dict[str, Any], out: list[bytes]) -> None:
-        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            delta = {}
         reasoning = delta.get("reasoning_content")
         if isinstance(reasoning, str) and reasoning:
             if self.block != "thinking":
@@ -364,7 +368,9 @@ class MessageStream(StreamTracker):
 
     def _tool_call(self, call: dict[str, Any], out: list[bytes]) -> None:
         position = call.get("index", 0)
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        function = call.get("function")
+        if not isinstance(function, dict):
+            function = {}
         if position not in self.tools:
             self._open("tool_use", {
                 "type": "tool_use", "id": call.get("id") or "toolu_" + uuid.uuid4().hex,

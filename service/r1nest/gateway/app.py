@@ -4,7 +4,9 @@
 
 A lean ASGI app rather than a framework router: the hot path (route, authenticate, reserve,
 forward, settle) stays a few function calls deep. Handlers are thin; the rules live in
-routing.py, auth.py, shaping.py, pricing.py, metering.py and proxy.py.
+routing.py, auth.py, shaping.py, pricing.py, metering.py and proxy.py. The control plane (admin
+API, /v1/credits, /v1/usage, /overview) is a FastAPI app of its own (r1nest/control/), to which
+`_dispatch` hands the routes routing.py matches as control routes.
 `app.state.gateway` is the `Gateway`, whose `drain(timeout_s)` stops it gracefully.
 """
 
@@ -16,7 +18,7 @@ import logging
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, MutableMapping
 
 from r1nest.errors import (
     ApiError,
@@ -47,6 +49,9 @@ from r1nest.gateway.state import EngineState
 from r1nest.gateway.upstream import Upstream, UpstreamConfig, watch_health
 from r1nest.ledger.base import KeyRecord, Store
 from r1nest.settings import Settings
+
+if TYPE_CHECKING:
+    from r1nest.overview.context import OverviewContext
 
 log = logging.getLogger("r1nest.gateway")
 access_log = logging.getLogger("r1nest.gateway.access")
@@ -93,8 +98,8 @@ class Gateway:
         self._idle = asyncio.Event()
         self._idle.set()
         self._probe_upstream = probe_upstream
-        self._background: list[asyncio.Task] = []
-        self.overview: Any = None  # an ASGI app for /overview, when the overview module exists
+        self._background: list[asyncio.Task[None]] = []
+        self.control: Any = None  # the control plane's ASGI app (control/app.py), set by create_app
         self.swept_at_startup: int | None = None
 
     # lifecycle ------------------------------------------------------------------------------
@@ -212,38 +217,20 @@ class Gateway:
         elif kind is Kind.COUNT_TOKENS:
             exchange.anthropic = True
             await self._count_tokens(exchange)
-        elif kind is Kind.USAGE:
-            from r1nest.gateway import admin
-
-            record = await self._authenticated(exchange)
-            try:
-                await admin.answer_usage(exchange, self.store, self.clock, key_id=record.key_id)
-            except StoreUnavailable:
-                raise store_unavailable() from None
         elif kind is Kind.HEALTH:
             await self._health(exchange)
         elif kind is Kind.MODELS:
             await self._authenticated(exchange)
             await exchange.json(200, self._models())
-        elif kind is Kind.CREDITS:
-            record = await self._authenticated(exchange)
-            await exchange.json(200, {"object": "credits", "id": record.key_id, "remaining_credits": record.remaining_credits})
         elif kind is Kind.METRICS:
             self.admin.require(exchange.headers)
             await exchange.respond(
                 200, self.metrics.render(self.state).encode(), content_type=b"text/plain; version=0.0.4; charset=utf-8"
             )
-        elif kind is Kind.OVERVIEW:
-            if self.overview is None:
-                raise NotFound("The overview page is not available on this deployment.")
-            await self._overview(exchange)
-        else:
-            from r1nest.gateway import admin
+        else:  # routing.CONTROL: the admin API, /v1/credits, /v1/usage, /overview
+            await self._control(exchange)
 
-            self.admin.require(exchange.headers)
-            await admin.handle(exchange, route, self.store, self.clock)
-
-    async def _authenticated(self, exchange: Exchange):  # -> KeyRecord
+    async def _authenticated(self, exchange: Exchange) -> KeyRecord:
         try:
             record = await authenticate(self.store, exchange.headers, now=self.clock())
         except StoreUnavailable:
@@ -392,12 +379,14 @@ class Gateway:
             exact = await self.upstream.count_prompt_tokens(shaped.body, chat=shaped.chat)
         fit_context(shaped, context_tokens, exact)
 
-    async def _overview(self, exchange: Exchange) -> None:
-        """The overview sub-app. Its pages are HTML; any other error it answers in plain text (a
-        static file that does not exist) becomes the gateway's JSON error."""
+    async def _control(self, exchange: Exchange) -> None:
+        """The control app answers (control/app.py). Its own refusals are JSON already; the
+        overview's pages are HTML; a refusal in plain text (the overview's 403 for a cross-origin
+        form or a wrong CSRF token, 404 for a static file that does not exist) becomes the
+        gateway's JSON error. The key id of an API-key caller goes to the access log."""
         replaced = False
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             nonlocal replaced
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -410,11 +399,17 @@ class Gateway:
                     return
                 exchange.status, exchange.started = status, True
             if not replaced:
+                exchange.finished = message["type"] == "http.response.body" and not message.get("more_body", False)
                 await exchange.send(message)
 
-        await self.overview(exchange.scope, exchange.receive, send)
+        try:
+            await self.control(exchange.scope, exchange.receive, send)
+        finally:
+            state = exchange.scope.get("state")
+            if isinstance(state, dict):
+                exchange.key_id = state.get("key_id")
 
-    async def page_context(self, request_base_url: str | None = None):  # -> OverviewContext
+    async def page_context(self, request_base_url: str | None = None) -> OverviewContext:
         from r1nest.overview.sources import gateway_context
 
         return await gateway_context(
@@ -457,19 +452,6 @@ class GatewayApp:
                 return
 
 
-def _overview_app(gateway: Gateway) -> Any:
-    """The overview routes as an ASGI app, or None when the overview module is absent."""
-    try:
-        from r1nest.overview.web import overview_routes
-    except ImportError:
-        return None
-    from starlette.routing import Router
-
-    return Router(
-        routes=overview_routes(verify_admin_key=gateway.admin.verify, page_context=gateway.page_context, clock=gateway.clock)
-    )
-
-
 def create_app(
     *, settings: Settings, store: Store, upstream: UpstreamConfig, state: EngineState | None = None,
     clock: Callable[[], float] = time.time, admin_key: str | None = None, probe_upstream: bool = False,
@@ -483,5 +465,9 @@ def create_app(
         settings=settings, store=store, upstream=upstream, state=state or EngineState(), clock=clock,
         admin_key=admin_key, probe_upstream=probe_upstream,
     )
-    gateway.overview = _overview_app(gateway)
+    from r1nest.control.app import create_control_app
+
+    gateway.control = create_control_app(
+        store=store, clock=clock, admin=gateway.admin, page_context=gateway.page_context,
+    )
     return GatewayApp(gateway)

@@ -19,6 +19,7 @@ import click
 
 from r1nest.gateway.state import EngineState
 from r1nest.gateway.upstream import UpstreamConfig
+from r1nest.ports import ENGINE_PORT, GATEWAY_PORT
 from r1nest.settings import Settings, load_settings
 
 
@@ -146,11 +147,11 @@ def run_gateway(settings: Settings, *, state: EngineState | None = None, probe_u
 
 
 @click.command()
-@click.option("--upstream", "upstream_url", help="Base URL of the engine, e.g. http://127.0.0.1:8100.")
+@click.option("--upstream", "upstream_url", help=f"Base URL of the engine, e.g. http://127.0.0.1:{ENGINE_PORT}.")
 @click.option("--upstream-key", help="The engine's API key (prefer R1NEST_UPSTREAM_KEY: flags show in ps).")
 @click.option("--served-model", help="The model name clients use (default: what the engine's /v1/models lists).")
 @click.option("--host", help="Listen address (default 0.0.0.0).")
-@click.option("--port", type=int, help="Listen port (default 8000).")
+@click.option("--port", type=int, help=f"Listen port (default {GATEWAY_PORT}).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Where the SQLite ledger and admin key live.")
 def gateway(
     upstream_url: str | None, upstream_key: str | None, served_model: str | None, host: str | None,

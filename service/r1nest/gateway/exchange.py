@@ -15,7 +15,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -46,10 +45,11 @@ class Exchange:
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
-        return self.scope["headers"]
+        headers: list[tuple[bytes, bytes]] = self.scope["headers"]
+        return headers
 
     def header(self, name: bytes) -> bytes | None:
-        for key, value in self.scope["headers"]:
+        for key, value in self.headers:
             if key == name:
                 return value
         return None

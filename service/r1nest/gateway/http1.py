@@ -37,7 +37,6 @@ from urllib.parse import urlsplit
 import httptools
 
 BUFFER_HIGH_BYTES = 1024 * 1024
-BUFFER_LOW_BYTES = 256 * 1024
 MAX_IDLE_CONNECTIONS = 256
 MAX_HEADER_BYTES = 64 * 1024
 KEEPALIVE_EXPIRY_S = 4.0  # an idle pooled connection older than this is closed, not reused
@@ -229,11 +228,6 @@ class Response:
     @property
     def status(self) -> int:
         return self._connection.status
-
-    @property
-    def at_eof(self) -> bool:
-        connection = self._connection
-        return connection.complete and not connection.chunks
 
     async def iter_chunks(self, *, tick_s: float | None = None) -> AsyncIterator[bytes]:
         """Body bytes as they arrive; ConnectionFailed if the response breaks off. With `tick_s`,

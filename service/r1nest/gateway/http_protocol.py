@@ -116,8 +116,8 @@ def raw_error_response(exc: ApiError, default_headers: list[tuple[bytes, bytes]]
     content = [STATUS_LINE[exc.status_code]]
     for name, value in default_headers:
         content.extend([name, b": ", value, b"\r\n"])
-    for name, value in exc.headers.items():
-        content.extend([name.lower().encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"])
+    for header, text in exc.headers.items():
+        content.extend([header.lower().encode("latin-1"), b": ", text.encode("latin-1"), b"\r\n"])
     content.extend(
         [
             b"content-type: application/json\r\n",

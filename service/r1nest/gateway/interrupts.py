@@ -9,7 +9,7 @@ settles what was produced.
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
+from typing import Any, Literal
 
 from r1nest.gateway.exchange import Receive
 
@@ -22,8 +22,8 @@ class Interruptible:
     def __init__(self, receive: Receive | None, registry: set["Interruptible"]) -> None:
         self._receive = receive  # None: do not watch the client (whole answers run to the end)
         self._registry = registry
-        self._task: asyncio.Task | None = None
-        self._watcher: asyncio.Task | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._inside = False
         self.reason: Reason | None = None
 

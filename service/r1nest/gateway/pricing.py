@@ -12,6 +12,10 @@ so a reservation that prices every prompt token as a miss is always enough.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from r1nest.settings import Settings
 
 TOKENS_PER_MTOK = 1_000_000
 
@@ -35,12 +39,13 @@ class Price:
         return self.prompt_per_mtok if self.cached_prompt_per_mtok is None else self.cached_prompt_per_mtok
 
     @classmethod
-    def from_settings(cls, settings: object) -> "Price":
+    def from_settings(cls, settings: Settings) -> "Price":
+        pricing = settings.pricing
         return cls(
-            prompt_per_mtok=settings.price_prompt_per_mtok,  # type: ignore[attr-defined]
-            completion_per_mtok=settings.price_completion_per_mtok,  # type: ignore[attr-defined]
-            min_per_request=settings.price_min_per_request,  # type: ignore[attr-defined]
-            cached_prompt_per_mtok=settings.price_cached_prompt_per_mtok,  # type: ignore[attr-defined]
+            prompt_per_mtok=pricing.prompt_per_mtok,
+            completion_per_mtok=pricing.completion_per_mtok,
+            min_per_request=pricing.min_per_request,
+            cached_prompt_per_mtok=pricing.cached_prompt_per_mtok,
         )
 
 

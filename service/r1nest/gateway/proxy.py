@@ -75,7 +75,9 @@ def _generated_bytes(answer: dict[str, Any]) -> int:
     for choice in answer.get("choices") or []:
         if not isinstance(choice, dict):
             continue
-        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            message = {}
         # the engine's own answer: vLLM names the reasoning `reasoning`, older builds `reasoning_content`
         for text in (choice.get("text"), message.get("content"), message.get("reasoning"), message.get("reasoning_content")):
             if isinstance(text, str):

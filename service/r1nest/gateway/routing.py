@@ -5,6 +5,9 @@ normalisation, against a closed set of routes. So `//invocations`, `/v1/../pause
 `/V1/models`, `/v1/models/`, `/%2e%2e/pause`, `/v1%2fmodels` or backslashes match nothing and
 get 404. The proxy never derives an upstream path from the client's path either: each route
 forwards to one fixed engine path, so an engine-only route cannot be reached at all.
+
+The control plane's routes (CONTROL: the admin API, /v1/credits, /v1/usage, /overview) are on
+this allowlist too; the gateway hands what matches them to the control app (r1nest/control/).
 """
 
 from __future__ import annotations
@@ -27,7 +30,15 @@ class Kind(Enum):
     ADMIN_KEYS = "admin_keys"
     ADMIN_KEY_ACTION = "admin_key_action"
     ADMIN_USAGE = "admin_usage"
+    ADMIN_OPENAPI = "admin_openapi"
     OVERVIEW = "overview"
+
+
+# what the control app answers (control/app.py); the rest is the gateway's own
+CONTROL = frozenset({
+    Kind.CREDITS, Kind.USAGE, Kind.ADMIN_KEYS, Kind.ADMIN_KEY_ACTION, Kind.ADMIN_USAGE, Kind.ADMIN_OPENAPI,
+    Kind.OVERVIEW,
+})
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +67,7 @@ _EXACT: dict[bytes, tuple[Kind, frozenset[str]]] = {
     b"/metrics": (Kind.METRICS, frozenset({"GET"})),
     b"/admin/keys": (Kind.ADMIN_KEYS, frozenset({"GET", "POST"})),
     b"/admin/usage": (Kind.ADMIN_USAGE, frozenset({"GET"})),
+    b"/admin/openapi.json": (Kind.ADMIN_OPENAPI, frozenset({"GET"})),
 }
 _ADMIN_ACTION = re.compile(rb"^/admin/keys/([0-9a-f]{12})/(revoke|topup|usage|limits)$")
 _ADMIN_ACTION_METHODS = {

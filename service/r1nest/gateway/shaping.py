@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from r1nest.errors import BadRequest, ContextLengthExceeded, NotFound
 from r1nest.gateway.sse import encode
@@ -292,7 +292,7 @@ def upstream_body(shaped: Shaped, max_tokens: int) -> bytes:
     return encode(body)
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 DONE = b"[DONE]"
 MAX_EVENT_BYTES = 4 * 1024 * 1024  # an engine event larger than this is a broken stream
@@ -122,7 +122,7 @@ def usage_of(chunk: dict[str, Any]) -> Usage | None:
     return Usage(prompt, completion, min(cached, prompt) if _is_count(cached) else 0)
 
 
-def _is_count(value: object) -> bool:
+def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

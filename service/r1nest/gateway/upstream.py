@@ -31,6 +31,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
+from r1nest.gateway.health import FAILURES_TO_ACT
+from r1nest.gateway.health import watch_health as watch_engine_health
 from r1nest.gateway.http1 import ConnectionFailed, Pool, Response
 from r1nest.gateway.shaping import TEMPLATE_FIELDS
 from r1nest.gateway.sse import encode
@@ -192,15 +194,7 @@ class Upstream:
             return False
 
 
-async def watch_health(upstream: Upstream, state: EngineState, *, interval_s: float = 2.0, failures_to_down: int = 3) -> None:
+async def watch_health(upstream: Upstream, state: EngineState, *, interval_s: float = 2.0,
+                       failures_to_down: int = FAILURES_TO_ACT) -> None:
     """Keep `state` in step with the engine's /health until cancelled (for `r1nest gateway`)."""
-    failures = 0
-    while True:
-        if await upstream.healthy():
-            failures = 0
-            state.set_ready()
-        else:
-            failures += 1
-            if state.phase == "ready" and failures >= failures_to_down:
-                state.set_down()
-        await asyncio.sleep(interval_s)
+    await watch_engine_health(upstream.healthy, state, interval_s=interval_s, failures_to_act=failures_to_down)

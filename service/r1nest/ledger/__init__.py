@@ -14,7 +14,7 @@ from r1nest.ledger.base import KeyRecord, Posting, Reservation, Store, Usage, Us
 if TYPE_CHECKING:
     from r1nest.settings import Settings
 
-__all__ = ["KeyRecord", "Posting", "Reservation", "Store", "Usage", "UsageBucket", "open_and_sweep", "open_store"]
+__all__ = ["KeyRecord", "Posting", "Reservation", "Store", "Usage", "UsageBucket", "open_store"]
 
 
 def open_store(settings: Settings) -> Store:
@@ -40,9 +40,3 @@ def open_store(settings: Settings) -> Store:
         return PostgresStore(settings.database_url.get_secret_value(), pool_size=settings.database_pool_size)
     raise ConfigError(f"unknown store {settings.store!r}")
 
-
-async def open_and_sweep(settings: Settings, *, now: float) -> Store:
-    """Open the store and void the reservations a crashed process left behind (startup)."""
-    store = open_store(settings)
-    await store.sweep_expired(now=now)
-    return store

@@ -398,14 +398,14 @@ class DynamoStore:
     def _list_keys(self) -> list[KeyRecord]:
         # The sparse index names every key without reading postings; the items come in
         # consistent batches of 100 (BatchGetItem's limit).
-        names = []
+        names: list[dict[str, Any]] = []
         for page in self._client.get_paginator("query").paginate(
             TableName=self.table, IndexName=KEYS_INDEX,
             KeyConditionExpression="key_list = :key",
             ExpressionAttributeValues={":key": _s("key")},
         ):
             names.extend({"pk": item["pk"], "sk": item["sk"]} for item in page["Items"])
-        records = []
+        records: list[KeyRecord] = []
         for start in range(0, len(names), 100):
             wanted: dict[str, Any] = {self.table: {"Keys": names[start:start + 100], "ConsistentRead": True}}
             for attempt in range(MAX_CONFLICT_RETRIES):
@@ -578,6 +578,7 @@ class DynamoStore:
         credits_reserved = int(item["credits_reserved"]["N"])
         # Reservations made before per-key limits hold no in_flight: only counted ones give one back.
         counted = item.get("counted", {}).get("BOOL", False)
+        kind: PostingKind
         if credits_charged is None:
             new_state, refund, note, kind = "voided", credits_reserved, "", "void"
         else:
@@ -679,7 +680,7 @@ class DynamoStore:
         return [UsageBucket(start, *row) for start, row in sorted(sums.items())]
 
     def _key_ids(self) -> list[str]:
-        key_ids = []
+        key_ids: list[str] = []
         for page in self._client.get_paginator("query").paginate(
             TableName=self.table, IndexName=KEYS_INDEX,
             KeyConditionExpression="key_list = :key",
@@ -756,7 +757,7 @@ class DynamoStore:
             except self._client_error as exc:
                 if _code(exc) != "TransactionCanceledException":
                     raise
-                reasons = exc.response.get("CancellationReasons", [])
+                reasons: list[dict[str, Any]] = exc.response.get("CancellationReasons", [])
                 codes = [r.get("Code", "None") for r in reasons]
                 if "ConditionalCheckFailed" in codes:
                     return reasons

@@ -510,7 +510,7 @@ class PostgresStore:
     async def sweep_expired(self, *, now: float) -> int:
         voided = 0
         while True:
-            swept = await self._run("fetchval", "SELECT r1nest_sweep($1, $2)", float(now), SWEEP_CHUNK)
+            swept = int(await self._run("fetchval", "SELECT r1nest_sweep($1, $2)", float(now), SWEEP_CHUNK))
             voided += swept
             if swept < SWEEP_CHUNK:
                 return voided

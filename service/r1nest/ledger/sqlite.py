@@ -56,7 +56,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from r1nest.errors import (
     InsufficientCredits,
@@ -165,6 +165,7 @@ _KEY_COLUMNS = (
 )
 
 Operation = Callable[[sqlite3.Connection], Any]
+_T = TypeVar("_T")
 
 
 def sync_level(operations: Iterable[str]) -> int:
@@ -408,11 +409,11 @@ class SqliteStore:
     # the writer thread --------------------------------------------------------------------
 
     async def _submit(
-        self, run: Operation, operation: str = "other", *, writes: bool = True,
-        on_orphan: Callable[[Any], None] | None = None,
-    ) -> Any:
+        self, run: Callable[[sqlite3.Connection], _T], operation: str = "other", *, writes: bool = True,
+        on_orphan: Callable[[_T], None] | None = None,
+    ) -> _T:
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future: asyncio.Future[_T] = loop.create_future()
         self._enqueue(run, operation, loop, future, writes=writes, on_orphan=on_orphan)
         return await future
 

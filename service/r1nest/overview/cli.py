@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from r1nest.errors import ConfigError
-from r1nest.files import write_private_text
+from r1nest.files import modal_key_file, read_key_file, write_private_text
 from r1nest.overview import sources
 from r1nest.overview.context import OverviewContext
 from r1nest.overview.render import render_overview
@@ -54,7 +54,7 @@ def build_context(
         if key_file is not None:
             from dataclasses import replace
 
-            ctx = replace(ctx, api_key=sources.read_key_file(key_file))
+            ctx = replace(ctx, api_key=read_key_file(key_file))
     elif source == "pulumi":
         if stack_json is not None:
             outputs = sources.load_outputs_file(stack_json)
@@ -70,7 +70,7 @@ def build_context(
             environment=modal_environment,
             model=model or settings.served_model or settings.model,
             engine=settings.engine,
-            key_file=key_file or sources.modal_key_file(settings.data_dir, modal_app),
+            key_file=key_file or modal_key_file(settings.data_dir, modal_app),
         )
     else:  # click's Choice keeps this unreachable
         raise ConfigError(f"unknown source {source!r}")

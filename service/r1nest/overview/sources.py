@@ -25,15 +25,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from r1nest.errors import ConfigError
-from r1nest.files import write_private_text
+from r1nest.files import API_KEY_FILE, read_key_file, read_serve_state
 from r1nest.overview.context import OverviewContext, Readiness, api_base_url
 from r1nest.overview.usage_panel import UsagePanel, read_usage_panel
 
-# The deployment's ApiKey, as shown on its overview page (mode 0600, one line). `r1nest serve`
-# writes the demo key it creates here; the Modal deploy step writes the key it put in the secret.
-API_KEY_FILE = "api_key"
-SERVE_STATE_FILE = "serve.json"  # written by `r1nest serve`: gateway_url, engine, served_model, model
-MAX_KEY_FILE_BYTES = 1024
 MAX_OUTPUTS_BYTES = 1024 * 1024
 PULUMI_TIMEOUT_S = 120.0
 PROBE_TIMEOUT_S = 5.0
@@ -121,32 +116,9 @@ def with_live(ctx: OverviewContext, live: Live) -> OverviewContext:
     return replace(ctx, readiness=live.readiness, remaining_credits=credits, model=live.model or ctx.model)
 
 
-# -- key files -------------------------------------------------------------------------------------
-
-
-def read_key_file(path: Path) -> str | None:
-    """The ApiKey kept in `path`, or None when there is no such file."""
-    path = path.expanduser()
-    try:
-        with open(path, encoding="utf-8") as handle:
-            value = handle.read(MAX_KEY_FILE_BYTES).strip()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ConfigError(f"cannot read the API key file {path}: {exc.strerror}") from None
-    if not value:
-        raise ConfigError(f"the API key file {path} is empty")
-    return value
-
-
-def write_key_file(path: Path, key: str) -> None:
-    """Writes the deployment's ApiKey with owner-only permissions (the file holds a secret)."""
-    write_private_text(path, key + "\n")
-
-
 # -- Pulumi -----------------------------------------------------------------------------------------
 
-Runner = Callable[..., subprocess.CompletedProcess]
+Runner = Callable[..., subprocess.CompletedProcess[bytes]]
 
 
 def pulumi_stack_outputs(stack_dir: Path, *, stack: str | None = None, run: Runner = subprocess.run) -> dict[str, Any]:
@@ -283,20 +255,6 @@ def local_endpoints(settings: Any) -> tuple[str, str | None, str]:
     return public, internal, "" if internal else LOCAL_INTERNAL_NOTE
 
 
-def read_serve_state(data_dir: Path) -> dict[str, Any]:
-    """`r1nest serve`'s data_dir/serve.json (where things run; no secret), or {} when absent."""
-    path = data_dir / SERVE_STATE_FILE
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_OUTPUTS_BYTES)
-        data = json.loads(raw)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError):
-        raise ConfigError(f"{path} is not readable JSON; is r1nest serve's data dir intact?") from None
-    return data if isinstance(data, dict) else {}
-
-
 def from_local(settings: Any) -> OverviewContext:
     """The context of `r1nest serve` on this machine, from its settings and data dir (serve.json
     for where it runs and what it serves, the ApiKey file)."""
@@ -363,7 +321,3 @@ async def gateway_context(
         usage=usage,
     )
 
-
-def modal_key_file(data_dir: Any, app_name: str) -> Path:
-    """Where the ApiKey of a Modal deployment is kept locally when the key file is not named."""
-    return Path(data_dir).expanduser() / "modal" / f"{app_name}.{API_KEY_FILE}"

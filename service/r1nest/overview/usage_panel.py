@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from markupsafe import Markup, escape
 
 from r1nest.errors import StoreError
-from r1nest.ledger.base import UsageBucket
+from r1nest.ledger.base import Store, UsageBucket
 from r1nest.usage import Totals, Window, filled, recent_window, totals
 
 log = logging.getLogger("r1nest.overview.usage")
@@ -70,7 +70,7 @@ class UsagePanel:
         return self.hourly is not None and self.daily is not None
 
 
-async def read_usage_panel(store, key_id: str, *, now: float | None = None) -> UsagePanel:
+async def read_usage_panel(store: Store, key_id: str, *, now: float | None = None) -> UsagePanel:
     """The key's last 24 hours and 30 days from the ledger. A ledger that cannot answer gives a
     panel with a note, not a failed page."""
     now = time.time() if now is None else now

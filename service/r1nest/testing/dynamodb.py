@@ -41,6 +41,7 @@ def _one_table_copy_per_transaction() -> Iterator[None]:
     Sound only while requests are handled one at a time, as both helpers here ensure."""
     import copy
     import types
+    from unittest import mock
 
     from moto.dynamodb import models
 
@@ -54,11 +55,8 @@ def _one_table_copy_per_transaction() -> Iterator[None]:
                 copies[id(value)] = (value, copy.deepcopy(value, memo))
             return copies[id(value)][1]
 
-        models.copy = types.SimpleNamespace(deepcopy=deepcopy)  # type: ignore[attr-defined]
-        try:
+        with mock.patch.object(models, "copy", types.SimpleNamespace(deepcopy=deepcopy)):
             return original(self, transact_items)
-        finally:
-            models.copy = copy  # type: ignore[attr-defined]
 
     models.DynamoDBBackend.transact_write_items = transact_write_items  # type: ignore[method-assign]
     try:

@@ -32,10 +32,13 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
+
+from r1nest.ports import ENGINE_PORT
 
 ABSURD_TOKENS = 10**12
 _DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -449,7 +452,7 @@ class FakeEngine:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Fake vLLM-compatible engine (tests, benchmarks).")
-    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--port", type=int, default=ENGINE_PORT)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--served-model", default="fake-r1")
     parser.add_argument("--api-key", default=None)
@@ -467,10 +470,13 @@ def main(argv: list[str] | None = None) -> None:
         ),
         port=args.port,
     )
+    run: Callable[[Coroutine[Any, Any, None]], None]
     try:
-        from uvloop import run
+        from uvloop import run as uvloop_run
     except ImportError:
         run = asyncio.run
+    else:
+        run = uvloop_run
     try:
         run(engine.serve(host=args.host, record=False))
     except KeyboardInterrupt:

@@ -11,7 +11,6 @@ request), so tests can check the 503 + Retry-After contract without a second sta
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -24,6 +23,8 @@ from typing import Any
 
 import httpx
 
+from r1nest.files import API_KEY_FILE, SERVE_STATE_FILE, read_serve_state
+
 
 class ServeFailed(RuntimeError):
     pass
@@ -35,14 +36,15 @@ STARTUP_TIMEOUT_S = 900.0  # a cold vLLM CPU start on a busy 2-core box
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @dataclass
 class Served:
     """One running `r1nest serve`."""
 
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     url: str  # gateway base URL, without /v1
     data_dir: Path
     log_path: Path
@@ -54,11 +56,12 @@ class Served:
 
     @property
     def key(self) -> str:
-        return (self.data_dir / "api_key").read_text().strip()
+        return (self.data_dir / API_KEY_FILE).read_text().strip()
 
     @property
     def engine_url(self) -> str:
-        return self.state["engine_url"]
+        url: str = self.state["engine_url"]
+        return url
 
     @property
     def engine_pid(self) -> int:
@@ -141,13 +144,12 @@ def _wait_until_ready(served: Served, started: float, timeout_s: float) -> None:
                 )
             if health.status_code == 200:
                 served.startup_s = time.monotonic() - started
-                state_path = served.data_dir / "serve.json"
                 for _ in range(50):  # the state file gets the engine pid right after ready
-                    served.state = json.loads(state_path.read_text())
+                    served.state = read_serve_state(served.data_dir)
                     if served.state.get("engine_pid"):
                         return
                     time.sleep(0.1)
-                raise ServeFailed("serve.json never got the engine pid")
+                raise ServeFailed(f"{SERVE_STATE_FILE} never got the engine pid")
             time.sleep(1.0)
     raise ServeFailed(f"r1nest serve not ready after {timeout_s:.0f} s:\n{served.log_tail()}")
 

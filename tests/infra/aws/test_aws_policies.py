@@ -14,7 +14,7 @@ import pulumi
 import pytest
 
 from r1nest_aws import policies
-from r1nest_aws.config import ENGINE_PORT, GATEWAY_PORT
+from r1nest.ports import ENGINE_PORT, GATEWAY_PORT
 
 INSTANCE = "aws:ec2/instance:Instance"
 SG = "aws:ec2/securityGroup:SecurityGroup"

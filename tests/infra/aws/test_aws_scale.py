@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from r1nest_aws import policies
-from r1nest_aws.config import ENGINE_PORT, GATEWAY_PORT
+from r1nest.ports import ENGINE_PORT, GATEWAY_PORT
 
 INSTANCE = "aws:ec2/instance:Instance"
 TWO_NODES = {"model": "deepseek-r1", "instanceType": "p5.48xlarge", "nodes": "2"}
