@@ -165,6 +165,54 @@ def test_fuzz_admin_api(fuzzed: Any) -> None:
     run()
 
 
+BLOCK = st.one_of(
+    st.fixed_dictionaries({"type": st.sampled_from(["text", "thinking", "redacted_thinking", "tool_use", "tool_result",
+                                                    "image", "document", "bogus"])},
+                          optional={"text": JSON, "thinking": JSON, "id": JSON, "name": JSON, "input": JSON,
+                                    "tool_use_id": JSON, "content": JSON, "is_error": JSON, "source": JSON}),
+    JSON,
+)
+MESSAGES_BODY = st.fixed_dictionaries(
+    {"messages": st.one_of(st.lists(st.fixed_dictionaries({"role": ROLES}, optional={
+        "content": st.one_of(st.text(max_size=40), st.lists(BLOCK, max_size=3), JSON)}), max_size=4), JSON)},
+    optional={
+        "model": st.one_of(st.just(MODEL), JSON), "max_tokens": st.one_of(SMALL_INTS, st.just(10**9), JSON),
+        "stream": st.one_of(st.booleans(), JSON), "system": st.one_of(st.text(max_size=20), st.lists(BLOCK, max_size=2), JSON),
+        "stop_sequences": JSON, "temperature": JSON, "top_k": JSON, "metadata": JSON,
+        "tools": st.one_of(st.lists(st.fixed_dictionaries({"name": JSON}, optional={
+            "input_schema": JSON, "description": JSON, "type": JSON}), max_size=2), JSON),
+        "tool_choice": st.one_of(st.fixed_dictionaries({"type": JSON}, optional={"name": JSON}), JSON),
+        "thinking": st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["enabled", "disabled", "x"])},
+                                                    optional={"budget_tokens": st.one_of(SMALL_INTS, JSON)}), JSON),
+    },
+)
+
+
+def test_fuzz_anthropic_messages(fuzzed: Any) -> None:
+    """/v1/messages answers below 500 in Anthropic's error shape, and a refused request costs nothing."""
+    from r1nest.keys import parse_key_id
+
+    harness, key = fuzzed
+    key_id = parse_key_id(key)
+    headers = {"x-api-key": key, "anthropic-version": "2023-06-01", "Content-Type": "application/json"}
+    refused = []
+
+    @settings(max_examples=900, **FUZZ_SETTINGS)
+    @given(body=MESSAGES_BODY, path=st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]))
+    def run(body: dict[str, Any], path: str) -> None:
+        before = harness.balance(key_id)
+        response = harness.client.post(path, content=encode(body), headers=headers)
+        assert response.status_code < 500, (response.status_code, response.text[:500])
+        if response.status_code >= 400:
+            error = response.json()
+            assert error["type"] == "error" and error["error"]["message"] and error["error"]["type"], error
+            assert harness.balance(key_id) == before, "a refused request was charged"
+            refused.append(response.status_code)
+
+    run()
+    assert len(refused) > 100  # the strategies reach the refusals, not only the happy path
+
+
 def test_fuzz_headers(fuzzed: Any) -> None:
     harness, key = fuzzed
     header_value = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=60)
