@@ -31,7 +31,29 @@ def test_503_with_retry_after_while_warming(serve_v3: Served) -> None:
     assert health.json()["eta_s"] > 0
     assert chat.status_code == 503 and int(chat.headers["retry-after"]) >= 1
     assert chat.json()["error"]["code"] == "engine_unavailable"
-    assert chat.headers["x-remaining-credits"] == str(serve_v3.credits())  # nothing was charged
+    # nothing was charged: the balance then was the key's whole grant (other tests spend since)
+    assert chat.headers["x-remaining-credits"] == str(_granted_credits(serve_v3))
+
+
+def _granted_credits(served: Served) -> int:
+    """The credits the deployment's key was created with, read from its ledger."""
+    import asyncio
+
+    from r1nest.keys import parse_key_id
+    from r1nest.ledger.sqlite import SqliteStore
+
+    async def grant() -> int:
+        store = SqliteStore(served.data_dir / "ledger.sqlite3")
+        try:
+            key_id = parse_key_id(served.key)
+            assert key_id is not None
+            postings = await store.postings(key_id)
+        finally:
+            await store.close()
+        assert postings[0].kind == "grant"
+        return postings[0].credits
+
+    return asyncio.run(grant())
 
 
 def test_sdk_non_streaming_reasoning_content_and_exact_charge(serve_v3: Served, price: Price) -> None:

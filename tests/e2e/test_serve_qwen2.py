@@ -37,12 +37,17 @@ def test_chat_with_the_openai_sdk(serve_qwen2: Served, cached_price: Price) -> N
         cached_price, completion.usage.prompt_tokens, completion.usage.completion_tokens, cached)
 
 
+# Long enough that the stream is still running when SIGTERM comes, even when a loaded machine lets
+# the reader thread take many events before the main thread sends the signal.
+STREAM_TOKENS = 5000
+
+
 def test_sigterm_drains_open_streams_then_stops_the_engine(serve_qwen2: Served, cached_price: Price) -> None:
     """Runs last in this module: it stops the shared server."""
     before = serve_qwen2.credits()
     engine_pid = serve_qwen2.engine_pid
     body = {"model": serve_qwen2.state["served_model"], "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 1500, "stream": True, "stream_options": {"include_usage": True}}
+            "max_tokens": STREAM_TOKENS, "stream": True, "stream_options": {"include_usage": True}}
     headers = {"Authorization": f"Bearer {serve_qwen2.key}"}
     events: list[str] = []
     first_token = threading.Event()
@@ -84,7 +89,7 @@ def test_sigterm_drains_open_streams_then_stops_the_engine(serve_qwen2: Served, 
     chunks = [json.loads(e) for e in events[:-1]]
     assert not any("error" in c for c in chunks), "the stream was cut instead of drained"
     usage = next(c["usage"] for c in reversed(chunks) if c.get("usage"))
-    assert usage["completion_tokens"] == 1500  # it ran to the end
+    assert usage["completion_tokens"] == STREAM_TOKENS  # it ran to the end
     assert serve_qwen2.process.wait(60) == 0
     assert not pid_alive(engine_pid)
     assert not (serve_qwen2.data_dir / "serve.json").exists()
