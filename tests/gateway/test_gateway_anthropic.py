@@ -348,3 +348,38 @@ def test_max_tokens_is_a_ceiling_lowered_to_what_the_deployment_allows(make_harn
     assert sent["max_tokens"] == 600 - 5  # the context less the prompt (engine's count), under the cap
     # the OpenAI route keeps refusing an explicit max_tokens it cannot honour
     assert harness.chat(key, max_tokens=32_000).status_code == 400
+
+
+def test_a_claude_code_shaped_request_is_served(harness: Harness) -> None:
+    """What Claude Code-style clients send: `?beta=true`, beta headers, system blocks and tools with
+    `cache_control`, a thinking block with a signature in the history, a tool round trip, and a
+    large max_tokens, streamed."""
+    key_id, key = harness.new_key(credits=1_000_000)
+    body = {
+        "model": MODEL, "max_tokens": 32_000, "stream": True, "temperature": 1,
+        "system": [{"type": "text", "text": "You are a coding agent.", "cache_control": {"type": "ephemeral"}}],
+        "tools": [{"name": "Read", "description": "Read a file",
+                   "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}},
+                   "cache_control": {"type": "ephemeral"}}],
+        "metadata": {"user_id": "user_abc"},
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Open main.py", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "I will read it.", "signature": "c2lnbmF0dXJl"},
+                {"type": "tool_use", "id": "toolu_01", "name": "Read", "input": {"path": "main.py"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "print(1)"}]},
+        ],
+    }
+    response = harness.client.post(
+        "/v1/messages?beta=true", json=body,
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01", "anthropic-beta": "interleaved-thinking-2025-05-14"},
+    )
+    assert response.status_code == 200, response.text
+    assert "event: message_stop" in response.text
+    sent = harness.engine.requests[-1].json()
+    assert [m["role"] for m in sent["messages"]] == ["user", "assistant", "tool"]
+    assert sent["messages"][0]["content"].startswith("You are a coding agent.")  # folded system prompt
+    assert sent["messages"][1]["tool_calls"][0]["function"]["name"] == "Read"
+    assert sent["tools"][0]["function"]["parameters"]["properties"] == {"path": {"type": "string"}}
+    assert sent["user"] == "user_abc" and sent["max_tokens"] <= 1000  # the deployment's cap
+    assert harness.balance(key_id) < 1_000_000
