@@ -40,6 +40,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import aiohttp
 
 ENGINE_KEY = "bench-engine-key-0123456789"
 ADMIN_KEY = "r1nadmin-0b0b0b0b0b0b-" + "B" * 43
@@ -68,6 +72,34 @@ def wait_http(url: str, timeout_s: float = 60) -> None:
 
 
 # load generator (runs in its own process) --------------------------------------------------------
+
+
+async def saturate_chat(
+    session: "aiohttp.ClientSession", base: str, headers: dict, body: bytes, concurrency: int, seconds: float, *, stream: bool
+) -> tuple[int, int, float]:
+    """`concurrency` aiohttp workers posting `body` to base/v1/chat/completions for `seconds`:
+    (answers, SSE data chunks, elapsed seconds)."""
+    import asyncio
+
+    deadline = time.perf_counter() + seconds
+    done = chunks = 0
+
+    async def worker() -> None:
+        nonlocal done, chunks
+        while time.perf_counter() < deadline:
+            async with session.post(base + "/v1/chat/completions", data=body, headers=headers) as response:
+                assert response.status == 200, response.status
+                if stream:
+                    async for line in response.content:
+                        if line.startswith(b"data: {"):
+                            chunks += 1
+                else:
+                    await response.read()
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done, chunks, time.perf_counter() - started
 
 async def _load(args: argparse.Namespace) -> dict:
     import aiohttp
@@ -116,28 +148,8 @@ async def _load(args: argparse.Namespace) -> dict:
             results[f"{name}_latency_p99_ms"] = 1000 * values[int(len(values) * 0.99)]
 
         # throughput: N requests in flight for a fixed time
-        import asyncio
-
         async def saturate(base: str, headers: dict, body: bytes, concurrency: int, seconds: float, *, stream: bool) -> tuple[int, int]:
-            deadline = time.perf_counter() + seconds
-            done = chunks = 0
-
-            async def worker() -> None:
-                nonlocal done, chunks
-                while time.perf_counter() < deadline:
-                    async with session.post(base + "/v1/chat/completions", data=body, headers=headers) as response:
-                        assert response.status == 200, response.status
-                        if stream:
-                            async for line in response.content:
-                                if line.startswith(b"data: {"):
-                                    chunks += 1
-                        else:
-                            await response.read()
-                    done += 1
-
-            started = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-            elapsed = time.perf_counter() - started
+            done, chunks, elapsed = await saturate_chat(session, base, headers, body, concurrency, seconds, stream=stream)
             return int(done / elapsed), int(chunks / elapsed)
 
         pids = dict(zip(["direct", *args.sides.split(",")], map(int, args.pids.split(","))))

@@ -46,7 +46,9 @@ import time
 from typing import Any, AsyncIterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gateway import ADMIN_KEY, ENGINE_KEY, MODEL, cpu_seconds, create_key, free_port, wait_http  # noqa: E402
+from bench_gateway import (  # noqa: E402
+    ADMIN_KEY, ENGINE_KEY, MODEL, cpu_seconds, create_key, free_port, saturate_chat, wait_http,
+)
 
 CLIENTS = ("http1", "httpcore", "aiohttp")
 LIMIT = 64 * 1024 * 1024
@@ -359,26 +361,8 @@ async def _gateway_load(args: argparse.Namespace) -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=connector, headers={"Content-Type": "application/json"}) as session:
 
         async def saturate(base: str, key: str, body: bytes, concurrency: int, *, stream: bool) -> tuple[int, int, float]:
-            deadline = time.perf_counter() + args.seconds
-            done = chunks = 0
             headers = {"Authorization": f"Bearer {key}"}
-
-            async def worker() -> None:
-                nonlocal done, chunks
-                while time.perf_counter() < deadline:
-                    async with session.post(base + "/v1/chat/completions", data=body, headers=headers) as response:
-                        assert response.status == 200, response.status
-                        if stream:
-                            async for line in response.content:
-                                if line.startswith(b"data: {"):
-                                    chunks += 1
-                        else:
-                            await response.read()
-                    done += 1
-
-            started = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-            return done, chunks, time.perf_counter() - started
+            return await saturate_chat(session, base, headers, body, concurrency, args.seconds, stream=stream)
 
         for base, key, _ in targets.values():  # warm-up
             await saturate(base, key, short, 4, stream=False)

@@ -151,7 +151,7 @@ class GatewayProcess:
              "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(data_dir)],
             stdout=self._log, stderr=subprocess.STDOUT, env=child_env,
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # a loaded machine, a ledger server to reach first
         while True:
             assert self.process.poll() is None, self.log()
             try:

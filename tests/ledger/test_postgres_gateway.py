@@ -10,10 +10,7 @@ used by the same gateway without a restart: the pool reconnects by itself.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,12 +29,9 @@ from r1nest.ledger.postgres import PostgresStore
 from r1nest.settings import Settings
 from r1nest.testing.asgi_server import ServedApp
 from r1nest.testing.fake_engine import FakeEngine
-from r1nest.testing.postgres import free_port
 from r1nest.testing.postgres import postgres_server as own_postgres_server
 
-ENGINE_KEY = "engine-secret-0123456789abcdef"
-MODEL = "deepseek-r1"
-ADMIN_KEY = "r1nadmin-0a0a0a0a0a0a-" + "A" * 43
+from ..gateway.conftest import ADMIN_KEY, ENGINE_KEY, MODEL, GatewayProcess
 PRICES = {"price_prompt_per_mtok": 1_000_000, "price_completion_per_mtok": 2_000_000}
 
 
@@ -157,49 +151,6 @@ async def wait_for(condition: Any, timeout_s: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
-class GatewayProcess:
-    """`r1nest gateway` as a child process on the PostgreSQL ledger."""
-
-    def __init__(self, engine_url: str, data_dir: Path, database_url: str, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("R1NEST_")}
-        env.update(
-            R1NEST_STORE="postgres", R1NEST_DATABASE_URL=database_url, R1NEST_UPSTREAM_KEY=ENGINE_KEY,
-            R1NEST_ADMIN_KEY=ADMIN_KEY, R1NEST_PRICE_PROMPT_PER_MTOK="1000000",
-            R1NEST_PRICE_COMPLETION_PER_MTOK="2000000", R1NEST_MAX_TOKENS_CAP="1000", R1NEST_LOG_LEVEL="debug",
-        )
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "r1nest", "gateway", "--upstream", engine_url, "--served-model", MODEL,
-             "--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(data_dir)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.process.poll() is None, self.log()
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, self.log()
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-        code = self.process.wait(30)
-        self._log.close()
-        return code
-
-
 async def test_two_gateway_processes_share_one_database_without_overspending(
     engine: FakeEngine, tmp_path: Path, postgres_url: str
 ) -> None:
@@ -209,7 +160,9 @@ async def test_two_gateway_processes_share_one_database_without_overspending(
 
     engine.configure(token_delay_s=0.1)
     gateways = [
-        GatewayProcess(engine.url, tmp_path / f"data{i}", postgres_url, tmp_path / f"gateway{i}.log") for i in range(2)
+        GatewayProcess(engine.url, tmp_path / f"data{i}", log_path=tmp_path / f"gateway{i}.log",
+                       R1NEST_STORE="postgres", R1NEST_DATABASE_URL=postgres_url)
+        for i in range(2)
     ]
     try:
         with httpx.Client(base_url=gateways[0].url, timeout=60) as admin, \

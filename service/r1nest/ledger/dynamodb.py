@@ -221,19 +221,18 @@ class DynamoStore:
         self, *, key_id: str, key_hash: str, name: str, credits: int, expires_at: float | None, now: float,
         max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
     ) -> KeyRecord:
-        rules.check_credits(credits, what="initial credits")
-        rules.check_name(name)
-        expires_at = rules.check_expires_at(expires_at)
-        limits = (rules.check_max_concurrency(max_concurrency), rules.check_rate_limit_rpm(rate_limit_rpm))
+        expires_at = rules.check_new_key(
+            credits=credits, name=name, expires_at=expires_at, max_concurrency=max_concurrency,
+            rate_limit_rpm=rate_limit_rpm,
+        )
         return await self._call(
-            lambda: self._create_key(key_id, key_hash, name, credits, expires_at, now, *limits)
+            lambda: self._create_key(key_id, key_hash, name, credits, expires_at, now, max_concurrency, rate_limit_rpm)
         )
 
     async def set_key_limits(
         self, key_id: str, *, max_concurrency: int | None, rate_limit_rpm: int | None
     ) -> KeyRecord:
-        rules.check_max_concurrency(max_concurrency)
-        rules.check_rate_limit_rpm(rate_limit_rpm)
+        rules.check_limits(max_concurrency, rate_limit_rpm)
         return await self._call(lambda: self._set_key_limits(key_id, max_concurrency, rate_limit_rpm))
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
@@ -257,12 +256,12 @@ class DynamoStore:
         self, key_id: str, credits: int, *, ttl_s: float, now: float,
         max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
     ) -> Reservation:
-        rules.check_credits(credits, what="reserved credits")
-        rules.check_ttl(ttl_s)
-        limits = (rules.check_max_concurrency(max_concurrency), rules.check_rate_limit_rpm(rate_limit_rpm))
+        rules.check_reservation(
+            credits=credits, ttl_s=ttl_s, max_concurrency=max_concurrency, rate_limit_rpm=rate_limit_rpm
+        )
         loop = asyncio.get_running_loop()
         running = loop.run_in_executor(
-            self._pool, self._guard(lambda: self._reserve(key_id, credits, ttl_s, now, *limits))
+            self._pool, self._guard(lambda: self._reserve(key_id, credits, ttl_s, now, max_concurrency, rate_limit_rpm))
         )
         try:
             return await asyncio.shield(running)
@@ -372,10 +371,14 @@ class DynamoStore:
             request["ExpressionAttributeValues"] = {f":{name}": _n(value) for name, value in given.items()}
         if removed:
             clauses.append("REMOVE " + ", ".join(removed))
+        return self._update_key(key_id, UpdateExpression=" ".join(clauses), **request)
+
+    def _update_key(self, key_id: str, **request: Any) -> KeyRecord:
+        """Update an existing key's item (UnknownKey when there is none); the record after."""
         try:
             item = self._client.update_item(
-                TableName=self.table, Key=_key_pk(key_id), UpdateExpression=" ".join(clauses),
-                ConditionExpression="attribute_exists(pk)", ReturnValues="ALL_NEW", **request,
+                TableName=self.table, Key=_key_pk(key_id), ConditionExpression="attribute_exists(pk)",
+                ReturnValues="ALL_NEW", **request,
             )["Attributes"]
         except self._client_error as exc:
             if _code(exc) == "ConditionalCheckFailedException":
@@ -420,19 +423,9 @@ class DynamoStore:
         return sorted(records, key=lambda k: (k.created_at, k.key_id))
 
     def _revoke_key(self, key_id: str) -> KeyRecord:
-        try:
-            item = self._client.update_item(
-                TableName=self.table, Key=_key_pk(key_id),
-                UpdateExpression="SET revoked = :true",
-                ConditionExpression="attribute_exists(pk)",
-                ExpressionAttributeValues={":true": {"BOOL": True}},
-                ReturnValues="ALL_NEW",
-            )["Attributes"]
-        except self._client_error as exc:
-            if _code(exc) == "ConditionalCheckFailedException":
-                raise UnknownKey(f"no key with id {key_id}") from None
-            raise
-        return _key_record(item)
+        return self._update_key(
+            key_id, UpdateExpression="SET revoked = :true", ExpressionAttributeValues={":true": {"BOOL": True}}
+        )
 
     def _topup(self, key_id: str, credits: int, idempotency_key: str, now: float) -> int:
         reasons = self._transact([

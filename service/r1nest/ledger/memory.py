@@ -59,11 +59,10 @@ class MemoryStore:
         self, *, key_id: str, key_hash: str, name: str, credits: int, expires_at: float | None, now: float,
         max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
     ) -> KeyRecord:
-        rules.check_credits(credits, what="initial credits")
-        rules.check_name(name)
-        expires_at = rules.check_expires_at(expires_at)
-        rules.check_max_concurrency(max_concurrency)
-        rules.check_rate_limit_rpm(rate_limit_rpm)
+        expires_at = rules.check_new_key(
+            credits=credits, name=name, expires_at=expires_at, max_concurrency=max_concurrency,
+            rate_limit_rpm=rate_limit_rpm,
+        )
         if key_id in self._keys:
             raise InvalidLedgerArgument(f"key id {key_id} already exists")
         record = KeyRecord(
@@ -84,8 +83,7 @@ class MemoryStore:
     async def set_key_limits(
         self, key_id: str, *, max_concurrency: int | None, rate_limit_rpm: int | None
     ) -> KeyRecord:
-        rules.check_max_concurrency(max_concurrency)
-        rules.check_rate_limit_rpm(rate_limit_rpm)
+        rules.check_limits(max_concurrency, rate_limit_rpm)
         record = dataclasses.replace(
             self._key(key_id), max_concurrency=max_concurrency, rate_limit_rpm=rate_limit_rpm
         )
@@ -122,10 +120,9 @@ class MemoryStore:
         self, key_id: str, credits: int, *, ttl_s: float, now: float,
         max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
     ) -> Reservation:
-        rules.check_credits(credits, what="reserved credits")
-        rules.check_ttl(ttl_s)
-        rules.check_max_concurrency(max_concurrency)
-        rules.check_rate_limit_rpm(rate_limit_rpm)
+        rules.check_reservation(
+            credits=credits, ttl_s=ttl_s, max_concurrency=max_concurrency, rate_limit_rpm=rate_limit_rpm
+        )
         record = self._key(key_id)
         if not record.usable(now):
             raise UnknownKey(f"key {key_id} is revoked or expired")

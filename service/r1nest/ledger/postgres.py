@@ -389,11 +389,10 @@ class PostgresStore:
         self, *, key_id: str, key_hash: str, name: str, credits: int, expires_at: float | None, now: float,
         max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
     ) -> KeyRecord:
-        rules.check_credits(credits, what="initial credits")
-        rules.check_name(name)
-        expires_at = rules.check_expires_at(expires_at)
-        rules.check_max_concurrency(max_concurrency)
-        rules.check_rate_limit_rpm(rate_limit_rpm)
+        expires_at = rules.check_new_key(
+            credits=credits, name=name, expires_at=expires_at, max_concurrency=max_concurrency,
+            rate_limit_rpm=rate_limit_rpm,
+        )
         statement = (
             f"WITH k AS (INSERT INTO keys ({_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, false, $6, $7, $8)"
             " RETURNING key_id)"
@@ -415,8 +414,7 @@ class PostgresStore:
     async def set_key_limits(
         self, key_id: str, *, max_concurrency: int | None, rate_limit_rpm: int | None
     ) -> KeyRecord:
-        rules.check_max_concurrency(max_concurrency)
-        rules.check_rate_limit_rpm(rate_limit_rpm)
+        rules.check_limits(max_concurrency, rate_limit_rpm)
         row = await self._run(
             "fetchrow",
             f"UPDATE keys SET max_concurrency = $2, rate_limit_rpm = $3 WHERE key_id = $1 RETURNING {_KEY_COLUMNS}",
@@ -465,10 +463,9 @@ class PostgresStore:
         self, key_id: str, credits: int, *, ttl_s: float, now: float,
         max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
     ) -> Reservation:
-        rules.check_credits(credits, what="reserved credits")
-        rules.check_ttl(ttl_s)
-        rules.check_max_concurrency(max_concurrency)
-        rules.check_rate_limit_rpm(rate_limit_rpm)
+        rules.check_reservation(
+            credits=credits, ttl_s=ttl_s, max_concurrency=max_concurrency, rate_limit_rpm=rate_limit_rpm
+        )
         reservation_id = uuid.uuid4().hex
         expires_at = now + ttl_s
         running = asyncio.ensure_future(

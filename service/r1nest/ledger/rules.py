@@ -111,6 +111,29 @@ def check_rate_limit_rpm(value: object) -> int | None:
     return check_limit(value, what="rate_limit_rpm", maximum=MAX_RATE_LIMIT_RPM)
 
 
+def check_limits(max_concurrency: object, rate_limit_rpm: object) -> tuple[int | None, int | None]:
+    """A key's two limits (set_key_limits, create_key, reserve)."""
+    return check_max_concurrency(max_concurrency), check_rate_limit_rpm(rate_limit_rpm)
+
+
+def check_new_key(
+    *, credits: object, name: str, expires_at: object, max_concurrency: object, rate_limit_rpm: object
+) -> float | None:
+    """Every argument of create_key; returns the expiry as stored."""
+    check_credits(credits, what="initial credits")
+    check_name(name)
+    expiry = check_expires_at(expires_at)
+    check_limits(max_concurrency, rate_limit_rpm)
+    return expiry
+
+
+def check_reservation(*, credits: object, ttl_s: float, max_concurrency: object, rate_limit_rpm: object) -> None:
+    """Every argument of reserve but the key id and the time."""
+    check_credits(credits, what="reserved credits")
+    check_ttl(ttl_s)
+    check_limits(max_concurrency, rate_limit_rpm)
+
+
 def check_usage(usage: object) -> Usage | None:
     """None or a Usage of whole, non-negative token counts. Not refused: cached_tokens above
     prompt_tokens (the engine's report, recorded as it came; a settle is never lost over it)."""

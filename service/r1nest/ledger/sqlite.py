@@ -213,11 +213,10 @@ class SqliteStore:
         self, *, key_id: str, key_hash: str, name: str, credits: int, expires_at: float | None, now: float,
         max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
     ) -> KeyRecord:
-        rules.check_credits(credits, what="initial credits")
-        rules.check_name(name)
-        expires_at = rules.check_expires_at(expires_at)
-        rules.check_max_concurrency(max_concurrency)
-        rules.check_rate_limit_rpm(rate_limit_rpm)
+        expires_at = rules.check_new_key(
+            credits=credits, name=name, expires_at=expires_at, max_concurrency=max_concurrency,
+            rate_limit_rpm=rate_limit_rpm,
+        )
 
         def run(conn: sqlite3.Connection) -> KeyRecord:
             try:
@@ -237,8 +236,7 @@ class SqliteStore:
     async def set_key_limits(
         self, key_id: str, *, max_concurrency: int | None, rate_limit_rpm: int | None
     ) -> KeyRecord:
-        rules.check_max_concurrency(max_concurrency)
-        rules.check_rate_limit_rpm(rate_limit_rpm)
+        rules.check_limits(max_concurrency, rate_limit_rpm)
 
         def run(conn: sqlite3.Connection) -> KeyRecord:
             conn.execute(
@@ -296,10 +294,9 @@ class SqliteStore:
         self, key_id: str, credits: int, *, ttl_s: float, now: float,
         max_concurrency: int | None = None, rate_limit_rpm: int | None = None,
     ) -> Reservation:
-        rules.check_credits(credits, what="reserved credits")
-        rules.check_ttl(ttl_s)
-        rules.check_max_concurrency(max_concurrency)
-        rules.check_rate_limit_rpm(rate_limit_rpm)
+        rules.check_reservation(
+            credits=credits, ttl_s=ttl_s, max_concurrency=max_concurrency, rate_limit_rpm=rate_limit_rpm
+        )
         reservation_id = uuid.uuid4().hex
         expires_at = now + ttl_s
         statement = _reserve_statement(max_concurrency is not None, rate_limit_rpm is not None)

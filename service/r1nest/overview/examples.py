@@ -88,6 +88,19 @@ class _Builder:
         return tuple(self._segments)
 
 
+def _python_client(ctx: OverviewContext, import_line: str, constructor: str, base_url: str) -> _Builder:
+    """The opening of a Python example: the SDK's import and its client with the key."""
+    b = _Builder(ctx, "python")
+    if ctx.api_key is None:
+        b.text("import os\n\n")
+    b.text(f"{import_line}\n\n")
+    b.text(f"client = {constructor}(\n")
+    b.text(f"    base_url={json.dumps(base_url)},\n")
+    b.text("    api_key=").key().text(",\n")
+    b.text(")\n\n")
+    return b
+
+
 def curl_example(ctx: OverviewContext) -> Example:
     body = json.dumps(
         {
@@ -128,14 +141,7 @@ def credits_example(ctx: OverviewContext) -> Example:
 
 
 def python_example(ctx: OverviewContext) -> Example:
-    b = _Builder(ctx, "python")
-    if ctx.api_key is None:
-        b.text("import os\n\n")
-    b.text("from openai import OpenAI\n\n")
-    b.text("client = OpenAI(\n")
-    b.text(f"    base_url={json.dumps(ctx.public_endpoint)},\n")
-    b.text("    api_key=").key().text(",\n")
-    b.text(")\n\n")
+    b = _python_client(ctx, "from openai import OpenAI", "OpenAI", ctx.public_endpoint)
     b.text(
         "# DeepSeek-R1: no system prompt (put every instruction in the user turn),\n"
         "# temperature 0.6, top_p 0.95.\n"
@@ -231,14 +237,8 @@ ANTHROPIC_MAX_TOKENS = 8192
 
 
 def anthropic_example(ctx: OverviewContext) -> Example:
-    b = _Builder(ctx, "python")
-    if ctx.api_key is None:
-        b.text("import os\n\n")
-    b.text("import anthropic\n\n")
-    b.text("client = anthropic.Anthropic(\n")
-    b.text(f"    base_url={json.dumps(ctx.public_endpoint.removesuffix('/v1'))},\n")
-    b.text("    api_key=").key().text(",\n")
-    b.text(")\n\n")
+    # the SDK adds /v1/messages itself
+    b = _python_client(ctx, "import anthropic", "anthropic.Anthropic", ctx.public_endpoint.removesuffix("/v1"))
     b.text(
         "# Anthropic's Messages API: R1's reasoning arrives in a thinking block, the answer in a text block.\n"
         "with client.messages.stream(\n"
