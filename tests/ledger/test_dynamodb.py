@@ -88,35 +88,8 @@ async def test_two_processes_racing_200_reservations_never_overspend(server_stor
 
     env = {**os.environ, **FAKE_AWS_ENV}
 
-    def race() -> list[tuple[str, str]]:
-        children = [
-            subprocess.Popen(
-                [sys.executable, "-c", CHILD, table, endpoint, KEY_ID, "100", str(T0), str(MOTO_SERVER_READ_TIMEOUT_S)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-            )
-            for _ in range(2)
-        ]
-        try:
-            for child in children:
-                assert child.stdout.readline().strip() == "ready", child.stderr.read()[-2000:]
-            for child in children:
-                child.stdin.write("go\n")
-                child.stdin.flush()
-            for child in children:
-                assert child.stdout.readline().strip() == "reserved", child.stderr.read()[-2000:]
-            for child in children:
-                child.stdin.write("settle\n")
-                child.stdin.flush()
-            outputs = [child.communicate(timeout=600) for child in children]
-        finally:
-            for child in children:
-                if child.poll() is None:
-                    child.kill()
-        for child, (_, err) in zip(children, outputs):
-            assert child.returncode == 0, err[-2000:]
-        return outputs
-
-    outputs = await asyncio.to_thread(race)
+    argv = [sys.executable, "-c", CHILD, table, endpoint, KEY_ID, "100", str(T0), str(MOTO_SERVER_READ_TIMEOUT_S)]
+    outputs = await asyncio.to_thread(run_in_lockstep, [argv, argv], env, [("ready", "go"), ("reserved", "settle")])
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
 
     assert sum(r["made"] for r in results) == affordable  # not one more, not one less
@@ -462,22 +435,20 @@ LIMITS_CHILD = textwrap.dedent(
 )
 
 
-def race_two_processes(table: str, endpoint: str, attempts: int, limits: dict) -> list[dict]:
-    env = {**os.environ, **FAKE_AWS_ENV}
+def run_in_lockstep(argvs: list[list[str]], env: dict[str, str], steps: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Start one child per argv; at each step wait for every child to print `expected`, then send
+    `reply` to all (so they act together); then the (stdout, stderr) of each, all exited 0."""
     children = [
-        subprocess.Popen(
-            [sys.executable, "-c", LIMITS_CHILD, table, endpoint, KEY_ID, str(attempts), str(T0),
-             str(MOTO_SERVER_READ_TIMEOUT_S), json.dumps(limits)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        )
-        for _ in range(2)
+        subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for argv in argvs
     ]
     try:
-        for child in children:
-            assert child.stdout.readline().strip() == "ready", child.stderr.read()[-2000:]
-        for child in children:
-            child.stdin.write("go\n")
-            child.stdin.flush()
+        for expected, reply in steps:
+            for child in children:
+                assert child.stdout.readline().strip() == expected, child.stderr.read()[-2000:]
+            for child in children:
+                child.stdin.write(reply + "\n")
+                child.stdin.flush()
         outputs = [child.communicate(timeout=600) for child in children]
     finally:
         for child in children:
@@ -485,6 +456,13 @@ def race_two_processes(table: str, endpoint: str, attempts: int, limits: dict) -
                 child.kill()
     for child, (_, err) in zip(children, outputs):
         assert child.returncode == 0, err[-2000:]
+    return outputs
+
+
+def race_two_processes(table: str, endpoint: str, attempts: int, limits: dict) -> list[dict]:
+    argv = [sys.executable, "-c", LIMITS_CHILD, table, endpoint, KEY_ID, str(attempts), str(T0),
+            str(MOTO_SERVER_READ_TIMEOUT_S), json.dumps(limits)]
+    outputs = run_in_lockstep([argv, argv], {**os.environ, **FAKE_AWS_ENV}, [("ready", "go")])
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
 
 
